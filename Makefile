@@ -1,0 +1,56 @@
+# LineGuard: two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+OUT ?= out/demo
+SAMPLE ?= sample_data/line_1080p.mp4
+BUNDLE ?= models/default
+
+.PHONY: demo test lint typecheck bench bench-accuracy bench-throughput synth train bundle clean help
+
+help:
+	@echo "make demo   - install the edge agent (no torch) and replay the sample video through the default INT8 bundle"
+	@echo "make test   - install everything (train extra included) and run the full test suite"
+	@echo "make bench  - run the benchmarks under bench/ (see docs/benchmarks.md)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The edge install: what a camera station runs (no torch, no ultralytics).
+$(VENV)/.edge: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[edge]"
+	@touch $@
+
+# Everything: edge + hub + train (torch, ultralytics) + dev tools.
+$(VENV)/.all: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[edge,hub,train,dev]"
+	@touch $@ $(VENV)/.edge
+
+demo: $(VENV)/.edge
+	$(BIN)/lineguard-agent replay $(SAMPLE) --bundle $(BUNDLE) --out $(OUT)/results.jsonl --video $(OUT)/annotated.mp4
+
+test: $(VENV)/.all
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.all
+	$(BIN)/ruff check .
+	$(BIN)/mypy models edge_agent hub lineguard_contract
+
+bench: bench-accuracy bench-throughput
+
+bench-accuracy: $(VENV)/.all
+	$(BIN)/python bench/accuracy.py --bundle $(BUNDLE)
+
+bench-throughput: $(VENV)/.all
+	$(BIN)/python bench/throughput.py --bundle $(BUNDLE) --video $(SAMPLE)
+
+synth: $(VENV)/.all
+	$(BIN)/lineguard-model synth --out data/synth
+
+train: $(VENV)/.all
+	$(BIN)/lineguard-model train --preset default --data data/synth/data.yaml
+
+clean:
+	rm -rf out runs .pytest_cache

@@ -1,0 +1,150 @@
+"""``lineguard-model``: synthetic data, training, export to a bundle, evaluation.
+
+Subcommands that need torch/ultralytics (train, bundle) import them lazily, so
+``lineguard-model eval`` and ``synth`` run on an edge install too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("lineguard.model")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from models.synth import generate_dataset, generate_video
+
+    out = Path(args.out)
+    if not args.videos_only:
+        path = generate_dataset(out / "dataset", seed=args.seed, preset=args.preset, workers=args.workers)
+        print(f"dataset: {path}", file=sys.stderr)
+    if not args.dataset_only:
+        for w, h in ((1280, 720), (1920, 1080)):
+            mp4 = out / "videos" / f"line_{h}p.mp4"
+            generate_video(mp4, mp4.with_suffix(".truth.jsonl"), seed=args.seed, seconds=args.seconds,
+                           size=(w, h))
+            print(f"video: {mp4}", file=sys.stderr)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.train import train
+
+    result = train(
+        Path(args.data), preset=args.preset, project_dir=Path(args.project), device=args.device,
+        epochs=args.epochs, hours=args.hours, workers=args.workers, seed=args.seed, resume=args.resume,
+        **({"cache": args.cache} if args.cache else {}),
+    )
+    print(json.dumps(result.summary()))
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from models.export import build_bundle
+
+    manifest = build_bundle(
+        checkpoint=Path(args.checkpoint), out_dir=Path(args.out), calib_dir=Path(args.calib),
+        version=args.version, parent_version=args.parent_version, eval_dir=Path(args.eval_data)
+        if args.eval_data else None,
+    )
+    print(json.dumps({"bundle": str(args.out), "version": manifest.version,
+                      "files": {k: v.path for k, v in manifest.files.items()}}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.bundle import BundleError, load_bundle
+    from models.dataset_io import DatasetError, load_dataset
+    from models.evaluate import OnnxPredictor, evaluate
+
+    try:
+        roles = tuple(args.models)
+        bundle = load_bundle(args.bundle, roles=roles)
+        dataset = load_dataset(Path(args.data))
+    except (BundleError, DatasetError, OSError) as exc:
+        print(f"lineguard-model eval: error: {exc}", file=sys.stderr)
+        return 2
+    post = bundle.manifest.postprocessing or {}
+    operating = args.operating_conf if args.operating_conf is not None else post.get("operating_conf")
+    out: dict[str, object] = {"bundle": str(args.bundle), "version": bundle.manifest.version,
+                              "split": args.split}
+    for role in roles:
+        predictor = OnnxPredictor(bundle.path(role), threads=args.threads)
+        report = evaluate(predictor, dataset, split=args.split, operating_conf=operating,
+                          progress=not args.quiet)
+        out[role] = report.to_dict()
+        log.info("%s: mAP50 %.4f mAP50-95 %.4f", role, report.map50, report.map50_95)
+    # The last line is one JSON object; top-level map50/map50_95/per_class are the INT8 model's
+    # (the one agents run) when it was evaluated, else the first model's.
+    primary = out.get("onnx_int8") or out[roles[0]]
+    assert isinstance(primary, dict)
+    out.update({k: primary[k] for k in ("map50", "map50_95", "per_class", "part_level")})
+    print(json.dumps(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lineguard-model", description="LineGuard model tools")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate the synthetic inspection line (dataset and videos)")
+    s.add_argument("--out", default="data/synth")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", default="default", help="dataset size preset: default, small, tiny")
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--seconds", type=float, default=60.0, help="length of each video")
+    s.add_argument("--dataset-only", action="store_true")
+    s.add_argument("--videos-only", action="store_true")
+    s.set_defaults(func=_synth)
+
+    t = sub.add_parser("train", help="train the detector from scratch (needs the train extra)")
+    t.add_argument("--data", required=True, help="data.yaml of a YOLO-format dataset")
+    t.add_argument("--preset", default="default")
+    t.add_argument("--project", default="runs/train")
+    t.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: Ultralytics picks)")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--hours", type=float, default=None, help="wall-time cap")
+    t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache", default=None, choices=[None, "ram", "disk"])
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=_train)
+
+    b = sub.add_parser("bundle", help="export a checkpoint to ONNX FP32 + INT8 and write a bundle")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--calib", required=True, help="dataset directory whose train images calibrate INT8")
+    b.add_argument("--eval-data", default=None, help="dataset to measure the build-time metrics on")
+    b.add_argument("--version", required=True)
+    b.add_argument("--parent-version", default=None)
+    b.set_defaults(func=_bundle)
+
+    e = sub.add_parser("eval", help="mAP and part-level figures of a bundle on a dataset")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--models", nargs="+", default=["onnx_fp32", "onnx_int8"])
+    e.add_argument("--operating-conf", type=float, default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,512 @@
+"""INT8 static post-training quantization of an exported YOLO detector (onnxruntime only, no torch).
+
+Recipe (see docs of :func:`quantize_int8`):
+
+* ``quant_pre_process`` first (symbolic + ONNX shape inference, basic ORT graph optimisation); a
+  failure there is logged and the un-preprocessed model is quantized instead.
+* QDQ format, per-channel symmetric INT8 weights, asymmetric UINT8 activations (U8S8: the
+  layout ORT's x86 VNNI kernels are built for; measured against S8S8 in the PR notes).
+* Calibrated on ``N`` letterboxed frames drawn deterministically from a dataset's train split,
+  preprocessed exactly like inference (:func:`models.processing.preprocess_batch`).
+* The detection head's decoding stays in float: everything downstream of the last Conv of each
+  Detect branch (the DFL Reshape/Transpose/Softmax/Conv, the anchor/stride Sub/Add/Div/Mul, the
+  class Sigmoid and the Concats that build ``output0``). Quantizing that tail is the classic
+  cause of collapsed box coordinates and class scores (onnxruntime issues #14233, #10787, #9598).
+  The tail is found from the graph's structure, walking back from the model output, not from
+  hard-coded node names; the Detect layer's index is read off the node names it reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.processing import preprocess_batch
+
+__all__ = [
+    "DEFAULT_ACTIVATION_TYPE",
+    "DEFAULT_CALIBRATION_METHOD",
+    "DEFAULT_CALIBRATION_IMAGES",
+    "DEFAULT_WEIGHT_TYPE",
+    "HeadTail",
+    "QuantizationError",
+    "QuantizationReport",
+    "compare_calibration_methods",
+    "find_head_tail",
+    "list_dataset_images",
+    "load_frames",
+    "quantize_int8",
+    "select_calibration_images",
+    "sensitivity",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+DEFAULT_CALIBRATION_IMAGES = 200
+#: U8S8 = uint8 activations x int8 weights. Measured on AVX-512 VNNI / ORT 1.32 (see PR notes).
+DEFAULT_ACTIVATION_TYPE = "QUInt8"
+DEFAULT_WEIGHT_TYPE = "QInt8"
+#: Chosen by :func:`compare_calibration_methods` on the random-init dev model; re-check on the
+#: trained checkpoint (activation ranges of a trained net differ a lot from a random-init one).
+DEFAULT_CALIBRATION_METHOD = "minmax"
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+PERCENTILE = 99.999
+
+EXCLUDED_REASON = (
+    "YOLO Detect head decoding kept in float: DFL softmax/conv, anchor/stride arithmetic, class "
+    "sigmoid and output concats (everything after the last Conv of each Detect branch); INT8 "
+    "there collapses box coordinates/scores (onnxruntime issues 14233, 10787, 9598)."
+)
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not produce a usable INT8 model."""
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_int8` did; ``to_manifest()`` is the bundle manifest's ``quantization``."""
+
+    method: str
+    format: str
+    per_channel: bool
+    activation_type: str
+    weight_type: str
+    reduce_range: bool
+    calibration_method: str
+    calibration_images: int
+    calibration_source: str
+    detect_layer: str
+    excluded_nodes: list[str]
+    excluded_reason: str
+    branch_convs: list[str]  # last Conv of each Detect branch: quantized, the float tail's boundary
+    preprocessed: bool
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    deltas: dict[str, Any] = field(default_factory=dict)
+
+    def to_manifest(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["calibration"] = {
+            "images": d.pop("calibration_images"),
+            "source": d.pop("calibration_source"),
+            "method": d.pop("calibration_method"),
+        }
+        if self.calibration_method == "percentile":
+            d["calibration"]["percentile"] = PERCENTILE
+        return d
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def list_dataset_images(dataset_dir: str | Path, split: str = "train") -> list[Path]:
+    """Images of a YOLO-layout dataset split (``DIR/images/SPLIT``), sorted by relative path.
+
+    ``dataset_dir`` may also point straight at a folder of images.
+    """
+    root = Path(dataset_dir)
+    folder = root / "images" / split
+    if not folder.is_dir():
+        folder = root
+    if not folder.is_dir():
+        raise QuantizationError(f"calibration source {root} is not a directory")
+    files = sorted(
+        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    if not files:
+        raise QuantizationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
+
+
+def select_calibration_images(
+    dataset_dir: str | Path, n: int = DEFAULT_CALIBRATION_IMAGES, split: str = "train", seed: int = 0
+) -> list[Path]:
+    """``n`` images drawn deterministically (fixed seed over the sorted file list)."""
+    files = list_dataset_images(dataset_dir, split)
+    if n >= len(files):
+        return files
+    idx = np.sort(np.random.default_rng(seed).choice(len(files), size=n, replace=False))
+    return [files[i] for i in idx]
+
+
+def load_frames(paths: Iterable[str | Path]) -> list[np.ndarray]:
+    import cv2
+
+    frames = []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise QuantizationError(f"cannot read calibration image {p}")
+        frames.append(img)
+    return frames
+
+
+def _calibration_reader(input_name: str, paths: Sequence[Path], imgsz: tuple[int, int]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        """Streams one letterboxed frame at a time (keeps calibration memory flat)."""
+
+        def __init__(self) -> None:
+            self._it = iter(paths)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            p = next(self._it, None)
+            if p is None:
+                return None
+            batch, _ = preprocess_batch(load_frames([p]), imgsz)
+            return {input_name: batch}
+
+        def rewind(self) -> None:
+            self._it = iter(paths)
+
+    return _Reader()
+
+
+# --------------------------------------------------------------------------- graph analysis
+
+
+@dataclass(frozen=True)
+class HeadTail:
+    """The float-only tail of a YOLO Detect head."""
+
+    detect_layer: str  # e.g. "/model.22"
+    nodes: tuple[str, ...]  # node names downstream of the branch-final convs, graph order
+    branch_convs: tuple[str, ...]  # the last Conv of each Detect branch (boundary, quantized)
+
+
+_LAYER_RE = re.compile(r"^(/model\.\d+)/")
+
+
+def find_head_tail(model: Any) -> HeadTail:
+    """Find the Detect head's decode tail by structure.
+
+    Walks back from every graph output. Every node reached is part of the tail, except that a
+    ``Conv`` is a boundary (a branch-final conv) unless its input comes from a ``Softmax`` (the
+    DFL's fixed ``arange`` conv, which belongs to the tail). ``model`` is an ``onnx.ModelProto``
+    or a path.
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    g = model.graph
+    producer = {out: n for n in g.node for out in n.output}
+    tail: set[str] = set()
+    boundary: set[str] = set()
+    stack = [producer[o.name] for o in g.output if o.name in producer]
+    while stack:
+        node = stack.pop()
+        if node.name in tail or node.name in boundary:
+            continue
+        if node.op_type == "Conv":
+            src = producer.get(node.input[0])
+            if src is None or src.op_type != "Softmax":
+                boundary.add(node.name)
+                continue
+        tail.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    if not boundary:
+        raise QuantizationError("no Conv found upstream of the model output: not a YOLO Detect graph?")
+    if not any(producer_n.op_type == "Softmax" for producer_n in g.node if producer_n.name in tail):
+        log.warning("no DFL Softmax found in the head tail; is this a YOLO Detect (DFL) head?")
+    out_node = producer[g.output[0].name]
+    m = _LAYER_RE.match(out_node.name)
+    detect_layer = m.group(1) if m else ""
+    if detect_layer:
+        strays = sorted(n for n in tail if not n.startswith(detect_layer + "/"))
+        if strays:
+            log.warning("head tail reaches outside %s: %s", detect_layer, strays)
+    order = [n.name for n in g.node]
+    return HeadTail(
+        detect_layer=detect_layer,
+        nodes=tuple(n for n in order if n in tail),
+        branch_convs=tuple(n for n in order if n in boundary),
+    )
+
+
+def _input_spec(model_path: Path) -> tuple[str, tuple[int, int]]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    h, w = inp.shape[2], inp.shape[3]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        raise QuantizationError(
+            f"{model_path}: input {inp.name} has dynamic spatial dims {inp.shape}; pass imgsz"
+        )
+    return inp.name, (h, w)
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    try:
+        return getattr(QuantType, name)
+    except AttributeError:
+        raise QuantizationError(f"unknown quant type {name!r} (QUInt8 or QInt8)") from None
+
+
+def _calib_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if name not in table:
+        raise QuantizationError(f"unknown calibration method {name!r}; one of {sorted(table)}")
+    return table[name]
+
+
+def _preprocess(src: Path, dst: Path, warnings: list[str]) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # A batch-dynamic YOLO graph trips the strict symbolic inference ("Incomplete symbolic shape
+    # inference"); auto_merge resolves it. Fall back to ONNX-only shape inference, then to nothing.
+    attempts = ({"auto_merge": True}, {"skip_symbolic_shape": True})
+    errors = []
+    for kwargs in attempts:
+        try:
+            quant_pre_process(str(src), str(dst), **kwargs)
+            return dst
+        except Exception as e:  # noqa: BLE001 - any failure here only costs some optimisation
+            errors.append(f"{kwargs}: {type(e).__name__}: {e}")
+    msg = f"quant_pre_process failed ({'; '.join(errors)}); quantizing the model as exported"
+    log.warning(msg)
+    warnings.append(msg)
+    return src
+
+
+def _entropy_ranges(model: Path, reader: Any, cache: Path, tmp: Path, num_bins: int = 2048) -> None:
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    cal = create_calibrator(
+        model,
+        None,
+        augmented_model_path=str(tmp / "augmented_entropy.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": num_bins, "num_quantized_bins": 128},
+    )
+    cal.collect_data(reader)
+    save_tensors_data(cal.compute_data(), cache)
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib_source: str | Path | Sequence[str | Path],
+    *,
+    n_images: int = DEFAULT_CALIBRATION_IMAGES,
+    imgsz: tuple[int, int] | None = None,
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
+    activation_type: str = DEFAULT_ACTIVATION_TYPE,
+    weight_type: str = DEFAULT_WEIGHT_TYPE,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    exclude_head: bool = True,
+    float_branch_convs: bool = False,
+    op_types: Sequence[str] | None = None,
+    calibration_cache: str | Path | None = None,
+    split: str = "train",
+) -> QuantizationReport:
+    """Static INT8 (QDQ) quantization of ``fp32_path`` into ``out_path``.
+
+    ``calib_source`` is a YOLO-layout dataset dir (its ``images/<split>`` is sampled), a folder
+    of images, or an explicit list of image paths. ``calibration_cache`` (a JSON path) reuses
+    tensor ranges across runs with the same model/method/images. ``float_branch_convs`` also
+    keeps the six branch-final 1x1 convs in float (their outputs are the raw box/class logits).
+    """
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    t0 = time.perf_counter()
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    warnings: list[str] = []
+    if isinstance(calib_source, (str, Path)):
+        paths = select_calibration_images(calib_source, n_images, split=split)
+        source = str(calib_source)
+    else:
+        paths = [Path(p) for p in calib_source][:n_images]
+        source = "explicit list"
+        if not paths:
+            raise QuantizationError("empty calibration image list")
+    if len(paths) < n_images:
+        warnings.append(f"only {len(paths)} calibration images available (asked for {n_images})")
+        log.warning(warnings[-1])
+    input_name, model_hw = _input_spec(fp32_path)
+    imgsz = tuple(imgsz) if imgsz else model_hw
+
+    extra: dict[str, Any] = {}
+    if calibration_method == "percentile":
+        extra["CalibPercentile"] = PERCENTILE
+
+    with tempfile.TemporaryDirectory(prefix="lg_quant_") as tmp:
+        pre = _preprocess(fp32_path, Path(tmp) / "pre.onnx", warnings)
+        tail = find_head_tail(pre)
+        excluded = list(tail.nodes) if exclude_head else []
+        if float_branch_convs:  # also keep the last Conv of each Detect branch in float
+            excluded += list(tail.branch_convs)
+        cache = str(calibration_cache) if calibration_cache else None
+        if calibration_method == "entropy" and not (cache and Path(cache).is_file()):
+            # quantize_static cannot pass num_bins to the entropy calibrator and its default
+            # (128 bins for 128 quantized bins) leaves one candidate threshold: the full range,
+            # i.e. MinMax. Calibrate here with a finer histogram and hand the ranges over.
+            cache = cache or str(Path(tmp) / "entropy_ranges.json")
+            _entropy_ranges(pre, _calibration_reader(input_name, paths, imgsz), Path(cache), Path(tmp))
+        tmp_out = out_path.with_name(out_path.name + ".tmp")
+        try:
+            quantize_static(
+                str(pre),
+                str(tmp_out),
+                _calibration_reader(input_name, paths, imgsz),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=_qtype(activation_type),
+                weight_type=_qtype(weight_type),
+                nodes_to_exclude=excluded,
+                op_types_to_quantize=list(op_types) if op_types else None,
+                calibrate_method=_calib_method(calibration_method),
+                extra_options=extra,
+                calibration_cache_path=cache,
+            )
+            tmp_out.replace(out_path)
+        finally:
+            tmp_out.unlink(missing_ok=True)
+
+    return QuantizationReport(
+        method="static",
+        format="QDQ",
+        per_channel=per_channel,
+        activation_type=activation_type,
+        weight_type=weight_type,
+        reduce_range=reduce_range,
+        calibration_method=calibration_method,
+        calibration_images=len(paths),
+        calibration_source=source,
+        detect_layer=tail.detect_layer,
+        excluded_nodes=excluded,
+        excluded_reason=EXCLUDED_REASON if exclude_head else "none excluded",
+        branch_convs=list(tail.branch_convs),
+        preprocessed=not any("quant_pre_process" in w for w in warnings),
+        seconds=round(time.perf_counter() - t0, 2),
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------- error analysis
+
+
+def _session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+
+
+def sensitivity(
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    frames: Sequence[np.ndarray],
+    nc: int | None = None,
+    top_k: int = 100,
+) -> dict[str, float]:
+    """How far the INT8 model's raw output is from FP32's on ``frames`` (BGR uint8 images).
+
+    Output layout is Ultralytics' ``(B, 4 + nc, anchors)``: rows 0-3 box ``xywh`` in input
+    pixels, then per-class scores. Reports max/mean abs error and cosine similarity of the
+    whole output, the box rows and the class rows, the error on the ``top_k`` highest-scoring
+    anchors of the FP32 model (the ones that would become detections), and top-1 class
+    agreement on those anchors.
+    """
+    s32, s8 = _session(fp32_path), _session(int8_path)
+    inp = s32.get_inputs()[0]
+    h, w = inp.shape[2], inp.shape[3]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        h = w = 640
+    ys32, ys8 = [], []
+    for f in frames:
+        x, _ = preprocess_batch([f], (h, w))
+        ys32.append(s32.run(None, {inp.name: x})[0])
+        ys8.append(s8.run(None, {s8.get_inputs()[0].name: x})[0])
+    a, b = np.concatenate(ys32), np.concatenate(ys8)
+    if a.shape != b.shape:
+        raise QuantizationError(f"output shapes differ: fp32 {a.shape} vs int8 {b.shape}")
+    nc = nc if nc is not None else a.shape[1] - 4
+    box_a, box_b = a[:, :4], b[:, :4]
+    cls_a, cls_b = a[:, 4 : 4 + nc], b[:, 4 : 4 + nc]
+    best = cls_a.max(axis=1)  # (B, anchors)
+    k = min(top_k, best.shape[1])
+    top = np.argsort(-best, axis=1)[:, :k]
+    take = np.take_along_axis
+    top_cls_a = take(cls_a, top[:, None, :], axis=2)
+    top_cls_b = take(cls_b, top[:, None, :], axis=2)
+    top_box_a = take(box_a, top[:, None, :], axis=2)
+    top_box_b = take(box_b, top[:, None, :], axis=2)
+    return {
+        "frames": len(frames),
+        "output_max_abs": float(np.abs(a - b).max()),
+        "output_cosine": _cos(a, b),
+        "box_max_abs_px": float(np.abs(box_a - box_b).max()),
+        "box_mean_abs_px": float(np.abs(box_a - box_b).mean()),
+        "box_cosine": _cos(box_a, box_b),
+        "cls_max_abs": float(np.abs(cls_a - cls_b).max()),
+        "cls_mean_abs": float(np.abs(cls_a - cls_b).mean()),
+        "cls_cosine": _cos(cls_a, cls_b),
+        "topk": k,
+        "topk_cls_max_abs": float(np.abs(top_cls_a - top_cls_b).max()),
+        "topk_box_mean_abs_px": float(np.abs(top_box_a - top_box_b).mean()),
+        "topk_argmax_agree": float((top_cls_a.argmax(1) == top_cls_b.argmax(1)).mean()),
+    }
+
+
+def compare_calibration_methods(
+    fp32_path: str | Path,
+    calib_source: str | Path,
+    eval_frames: Sequence[np.ndarray],
+    *,
+    methods: Sequence[str] = CALIBRATION_METHODS,
+    n_images: int = 32,
+    work_dir: str | Path | None = None,
+    **quant_kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Quantize with each calibration method and report :func:`sensitivity` of each.
+
+    Results depend heavily on the weights: run it on the trained checkpoint before changing
+    :data:`DEFAULT_CALIBRATION_METHOD`.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lg_calcmp_", dir=work_dir) as tmp:
+        for m in methods:
+            int8 = Path(tmp) / f"{m}.onnx"
+            rep = quantize_int8(
+                fp32_path, int8, calib_source, n_images=n_images, calibration_method=m, **quant_kwargs
+            )
+            out[m] = {"seconds": rep.seconds, **sensitivity(fp32_path, int8, eval_frames)}
+            log.info("calibration %s: %s", m, json.dumps(out[m]))
+    return out

@@ -1,0 +1,193 @@
+"""Write a synthetic YOLO dataset (images, labels, part sidecars, data.yaml, meta.json).
+
+Every image is an independent scene that depends only on ``(seed, split, index)``, so the
+result is byte-identical whatever the number of worker processes. The dataset is built in a
+temporary sibling directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from models.synth.scene import render_scene
+from models.taxonomy import DEFAULT_CLASSES, PRODUCT_TYPES
+
+__all__ = ["GENERATOR_VERSION", "PRESETS", "SPLITS", "DatasetPreset", "generate_dataset", "render_item"]
+
+GENERATOR_VERSION = "1.0.0"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_SPLIT_IDS = {name: i + 1 for i, name in enumerate(SPLITS)}
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Image counts per split and the frame size."""
+
+    name: str
+    train: int
+    val: int
+    test: int
+    width: int = 1280
+    height: int = 720
+    empty_prob: float = 0.03
+
+    def count(self, split: str) -> int:
+        """Number of images in ``split``."""
+        return int(getattr(self, split))
+
+
+PRESETS: dict[str, DatasetPreset] = {
+    "default": DatasetPreset("default", 6000, 600, 900),
+    "small": DatasetPreset("small", 48, 16, 24),
+    "tiny": DatasetPreset("tiny", 8, 4, 4),
+}
+
+
+def _yolo_line(cls: int, box: tuple[float, float, float, float], width: int, height: int) -> str:
+    x1, y1, x2, y2 = box
+    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+    return f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
+
+
+def render_item(seed: int, split: str, index: int, preset: DatasetPreset) -> tuple[bytes, str, dict]:
+    """JPEG bytes, YOLO label text and part sidecar of image ``index`` of ``split``."""
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+    scene = render_scene(rng, preset.width, preset.height, preset.empty_prob)
+    ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, scene.jpeg_quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    labels = "".join(_yolo_line(c, b, preset.width, preset.height) + "\n" for c, b in scene.objects)
+    return buf.tobytes(), labels, {"parts": scene.parts}
+
+
+def _write_item(job: tuple[str, int, str, int, DatasetPreset]) -> dict:
+    root, seed, split, index, preset = job
+    image, labels, sidecar = render_item(seed, split, index, preset)
+    name = f"{index:06d}"
+    base = Path(root)
+    (base / "images" / split / f"{name}.jpg").write_bytes(image)
+    (base / "labels" / split / f"{name}.txt").write_text(labels)
+    (base / "parts" / split / f"{name}.json").write_text(json.dumps(sidecar))
+    per_class = [0] * len(DEFAULT_CLASSES)
+    for line in labels.splitlines():
+        per_class[int(line.split()[0])] += 1
+    parts = sidecar["parts"]
+    return {
+        "split": split,
+        "parts": len(parts),
+        "good": sum(not p["defective"] for p in parts),
+        "empty": int(not parts),
+        "defects": per_class,
+    }
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def _meta(seed: int, preset: DatasetPreset, results: list[dict]) -> dict:
+    counts = {}
+    for split in SPLITS:
+        rows = [r for r in results if r["split"] == split]
+        per_class = np.sum([r["defects"] for r in rows], axis=0) if rows else [0] * len(DEFAULT_CLASSES)
+        counts[split] = {
+            "images": len(rows),
+            "empty_images": sum(r["empty"] for r in rows),
+            "parts": sum(r["parts"] for r in rows),
+            "good_parts": sum(r["good"] for r in rows),
+            "defective_parts": sum(r["parts"] - r["good"] for r in rows),
+            "defects": {name: int(n) for name, n in zip(DEFAULT_CLASSES, per_class)},
+        }
+    return {
+        "generator": "models.synth",
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "preset": asdict(preset),
+        "classes": list(DEFAULT_CLASSES),
+        "products": list(PRODUCT_TYPES),
+        "counts": counts,
+    }
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def generate_dataset(
+    out_dir: Path,
+    seed: int = 0,
+    preset: str | DatasetPreset = "default",
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate a synthetic defect dataset in Ultralytics YOLO layout at ``out_dir``.
+
+    ``workers``: processes to use (None: all CPUs; 1: in this process). Output bytes do not
+    depend on it. Returns the resolved ``out_dir``; an existing one is replaced only once the
+    new dataset is complete, and a failure leaves no partial dataset behind.
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        for kind in ("images", "labels", "parts"):
+            for split in SPLITS:
+                (tmp / kind / split).mkdir(parents=True)
+        jobs = [(str(tmp), seed, split, i, p) for split in SPLITS for i in range(p.count(split))]
+        n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+        bar = tqdm(total=len(jobs), desc=f"synth {p.name}", unit="img", disable=not progress)
+        results: list[dict] = []
+        try:
+            if n_workers == 1:
+                threads = cv2.getNumThreads()
+                cv2.setNumThreads(1)
+                try:
+                    for job in jobs:
+                        results.append(_write_item(job))
+                        bar.update()
+                finally:
+                    cv2.setNumThreads(threads)
+            else:
+                # fork: workers need no importable __main__ (works from stdin, notebooks).
+                methods = mp.get_all_start_methods()
+                ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+                with ctx.Pool(n_workers, initializer=_init_worker) as pool:
+                    for res in pool.imap(_write_item, jobs, chunksize=4):
+                        results.append(res)
+                        bar.update()
+        finally:
+            bar.close()
+        data = {
+            "path": str(out_dir),
+            "train": "images/train",
+            "val": "images/val",
+            "test": "images/test",
+            "nc": len(DEFAULT_CLASSES),
+            "names": dict(enumerate(DEFAULT_CLASSES)),
+        }
+        (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        (tmp / "meta.json").write_text(json.dumps(_meta(seed, p, results), indent=2) + "\n")
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,67 @@
+"""The edge-side model modules must import without torch / torchvision / ultralytics installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BLOCKED = ("torch", "torchvision", "ultralytics")
+
+#: Modules that ship to the edge and therefore must not need the training stack.
+TORCH_FREE_MODULES = [
+    "models.detections",
+    "models.processing",
+    "models.dataset_io",
+    "models.metrics",
+    "models.onnx_predict",
+    "models.evaluate",
+]
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    BLOCKED = {blocked!r}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"blocked import of {{name}}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    """
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER.format(blocked=BLOCKED) + code],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_blocker_really_blocks():
+    proc = run_python("import torch")
+    assert proc.returncode != 0 and "blocked import of torch" in proc.stderr
+
+
+@pytest.mark.parametrize("module", TORCH_FREE_MODULES)
+def test_imports_without_torch(module):
+    code = textwrap.dedent(
+        f"""
+        import importlib, sys
+        importlib.import_module({module!r})
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not leaked, leaked
+        print("ok")
+        """
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
