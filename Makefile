@@ -8,7 +8,7 @@ OUT ?= out/demo
 SAMPLE ?= sample_data/line_1080p.mp4
 BUNDLE ?= models/default
 
-.PHONY: demo test lint typecheck bench bench-accuracy bench-throughput synth train bundle clean help
+.PHONY: demo test lint typecheck bench bench-accuracy bench-throughput bench-streams golden synth train bundle clean help
 
 help:
 	@echo "make demo   - install the edge agent (no torch) and replay the sample video through the default INT8 bundle"
@@ -38,19 +38,27 @@ lint: $(VENV)/.all
 	$(BIN)/ruff check .
 	$(BIN)/mypy models edge_agent hub lineguard_contract
 
-bench: bench-accuracy bench-throughput
+bench: bench-accuracy bench-throughput bench-streams
 
+# needs the synthetic dataset: make synth
 bench-accuracy: $(VENV)/.all
-	$(BIN)/python bench/accuracy.py --bundle $(BUNDLE)
+	$(BIN)/python bench/accuracy.py --bundle $(BUNDLE) --data data/synth/dataset --json out/bench/accuracy.json --plot docs/img/part_level_curve.png
 
 bench-throughput: $(VENV)/.all
-	$(BIN)/python bench/throughput.py --bundle $(BUNDLE) --video $(SAMPLE)
+	$(BIN)/python bench/throughput.py --bundle $(BUNDLE) --video $(SAMPLE) --json out/bench/throughput.json
+
+bench-streams: $(VENV)/.all
+	$(BIN)/python bench/streams.py --json out/bench/streams.json
+
+# Regenerate the replay regression file after a deliberate model change (review the diff!).
+golden: $(VENV)/.edge
+	$(BIN)/lineguard-agent replay $(SAMPLE) --bundle $(BUNDLE) --out sample_data/line_1080p.golden.jsonl -q
 
 synth: $(VENV)/.all
 	$(BIN)/lineguard-model synth --out data/synth
 
 train: $(VENV)/.all
-	$(BIN)/lineguard-model train --preset default --data data/synth/data.yaml
+	$(BIN)/lineguard-model train --preset default --data data/synth/dataset/data.yaml
 
 clean:
 	rm -rf out runs .pytest_cache

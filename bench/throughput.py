@@ -71,7 +71,9 @@ def main() -> int:
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle, roles=("onnx_int8", "onnx_fp32", "checkpoint"))
-    imgsz = int(bundle.manifest.input_size[0])
+    # Ultralytics letterboxes a 1920x1080 frame at imgsz=960 to 544x960 (rect, stride 32): the same
+    # input our bundle takes, so both run the same network on the same tensor size.
+    imgsz = int(max(bundle.manifest.input_size))
     conf = float((bundle.manifest.postprocessing or {}).get("operating_conf", 0.25))
     fps = {
         "ultralytics_predict_pytorch": run_ultralytics(bundle.path("checkpoint"), args.video, args.frames,

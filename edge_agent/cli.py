@@ -58,6 +58,60 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import ConfigError, load_config
+    from edge_agent.detector import DetectorError
+    from edge_agent.outbox import OutboxError
+    from edge_agent.sources import SourceError
+    from models.bundle import BundleError
+
+    overrides: dict[str, object] = {}
+    if args.source:
+        overrides["cameras"] = [{"id": f"cam{i + 1}", "source": s, "loop": args.loop}
+                                for i, s in enumerate(args.source)]
+    if args.broker:
+        overrides["mqtt.url"] = args.broker
+    if args.bundle:
+        overrides["model.bundle"] = str(args.bundle)
+    if args.station:
+        parts = args.station.split("/")
+        if len(parts) != 3:
+            print("lineguard-agent run: error: --station must be SITE/LINE/STATION", file=sys.stderr)
+            return 2
+        overrides.update({"identity.site": parts[0], "identity.line": parts[1], "identity.station": parts[2]})
+    if args.outbox:
+        overrides["outbox.path"] = str(args.outbox)
+    if args.metrics_port is not None:
+        overrides["metrics.port"] = args.metrics_port
+    if args.config is None and "model.bundle" not in overrides:
+        overrides["model.bundle"] = str(DEFAULT_BUNDLE)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lineguard-agent run: error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else cfg.log_level)
+    try:
+        agent = Agent(cfg)
+        agent.start()
+    except (ConfigError, BundleError, DetectorError, SourceError, OutboxError, OSError, ValueError) as exc:
+        print(f"lineguard-agent run: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if agent.finished():
+            log.info("every source has ended")
+            break
+    agent.stop(drain_s=args.drain)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lineguard-agent", description="LineGuard edge agent")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -76,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--score-tol", type=float, default=0.05)
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_replay)
+
+    g = sub.add_parser("run", help="run the agent: cameras -> model -> samples over MQTT")
+    g.add_argument("-c", "--config", type=Path, default=None, help="station YAML (deploy/agent/station.yaml)")
+    g.add_argument("--source", action="append", help="camera source (repeatable); replaces the file's cameras")
+    g.add_argument("--loop", action="store_true", help="loop --source video files")
+    g.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
+    g.add_argument("--bundle", type=Path, help="model bundle directory")
+    g.add_argument("--station", help="SITE/LINE/STATION")
+    g.add_argument("--outbox", type=Path, help="outbox SQLite file")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: off)")
+    g.add_argument("--drain", type=float, default=5.0, help="seconds to keep delivering after a stop")
+    g.set_defaults(func=_run)
     return p
 
 

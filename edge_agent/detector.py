@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import Bundle
+from models.bundle import Bundle, Postprocessing
 from models.detections import Detections
 from models.processing import postprocess, preprocess_batch
 
@@ -67,7 +67,7 @@ class OnnxDetector(Detector):
         self.classes = list(manifest.classes)
         self.input_size = (int(manifest.input_size[0]), int(manifest.input_size[1]))
         self.version = manifest.version
-        post = manifest.postprocessing or {}
+        post: Postprocessing | dict[str, Any] = manifest.postprocessing or {}
         self.conf = float(conf if conf is not None else post.get("operating_conf", post.get("conf", 0.25)))
         self.iou = float(iou if iou is not None else post.get("iou", 0.7))
         self.max_det = int(post.get("max_det", 300))

@@ -81,7 +81,8 @@ def replay(
         annotated = Path(annotated)
         annotated.parent.mkdir(parents=True, exist_ok=True)
         tmp_video = _tmp(annotated)
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), source.fps,
+        # cv2.VideoWriter_fourcc exists at runtime but is missing from the cv2 stubs.
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), source.fps,  # type: ignore[attr-defined]
                                  (source.width, source.height))
         if not writer.isOpened():
             raise RuntimeError(f"cannot open {annotated} for writing (mp4v codec unavailable?)")

@@ -1,8 +1,36 @@
 """The MQTT contract between edge agents and the hub: topics and versioned payloads.
 
-This package is the only place topic strings are written. Both sides import it.
+This package is the only place topic strings and payload fields are written. Both sides import it.
 """
 
-from lineguard_contract.topics import CONTRACT_VERSION, Topics
+from lineguard_contract.payloads import (
+    MAX_PAYLOAD_BYTES,
+    ContractError,
+    Detection,
+    HeartbeatPayload,
+    Payload,
+    ResultPayload,
+    SamplePayload,
+    StatusPayload,
+    decode,
+    encode,
+    new_sample_id,
+)
+from lineguard_contract.topics import CONTRACT_VERSION, StationId, Topics
 
-__all__ = ["CONTRACT_VERSION", "Topics"]
+__all__ = [
+    "CONTRACT_VERSION",
+    "Topics",
+    "StationId",
+    "MAX_PAYLOAD_BYTES",
+    "ContractError",
+    "Detection",
+    "SamplePayload",
+    "ResultPayload",
+    "StatusPayload",
+    "HeartbeatPayload",
+    "Payload",
+    "encode",
+    "decode",
+    "new_sample_id",
+]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["CONTRACT_VERSION", "Topics", "StationId"]
+__all__ = ["CONTRACT_VERSION", "SEGMENT_PATTERN", "Topics", "StationId"]
 
 CONTRACT_VERSION = 1
 ROOT = "lineguard"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SEGMENT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # one topic level: also the rule for ids inside payloads
+_SEGMENT = re.compile(SEGMENT_PATTERN)
 
 
 @dataclass(frozen=True)

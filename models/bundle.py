@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -46,7 +46,7 @@ __all__ = [
     "write_bundle",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 #: Detached signature of manifest.json. Signing/verification is a later issue: nothing writes
 #: or checks this file yet, and nothing here pretends to.
@@ -125,7 +125,8 @@ class Manifest(_Strict):
             dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError as e:
             raise ValueError(f"created_at must be ISO 8601, got {v!r}") from e
-        if dt.utcoffset() is None or dt.utcoffset().total_seconds() != 0:
+        offset = dt.utcoffset()
+        if offset is None or offset.total_seconds() != 0:
             raise ValueError(f"created_at must be UTC, got {v!r}")
         return v
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -40,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(
         Path(args.data), preset=args.preset, project_dir=Path(args.project), device=args.device,
         epochs=args.epochs, hours=args.hours, workers=args.workers, seed=args.seed, resume=args.resume,
+        weights=Path(args.weights) if args.weights else None,
         **({"cache": args.cache} if args.cache else {}),
     )
     print(json.dumps(result.summary()))
@@ -47,20 +49,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from models.export import build_bundle
+    from models.release import release_bundle
 
-    manifest = build_bundle(
-        checkpoint=Path(args.checkpoint), out_dir=Path(args.out), calib_dir=Path(args.calib),
-        version=args.version, parent_version=args.parent_version, eval_dir=Path(args.eval_data)
-        if args.eval_data else None,
+    imgsz = tuple(int(v) for v in args.imgsz.split("x")) if args.imgsz else None
+    manifest = release_bundle(
+        checkpoint=Path(args.checkpoint), dataset_dir=Path(args.data), out_dir=Path(args.out),
+        version=args.version, parent_version=args.parent_version, target_far=args.target_far,
+        imgsz=imgsz, overwrite=args.overwrite,  # type: ignore[arg-type]
     )
     print(json.dumps({"bundle": str(args.out), "version": manifest.version,
+                      "operating_conf": manifest.postprocessing.operating_conf,
                       "files": {k: v.path for k, v in manifest.files.items()}}))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from models.bundle import BundleError, load_bundle
+    from models.bundle import BundleError, Postprocessing, load_bundle
     from models.dataset_io import DatasetError, load_dataset
     from models.evaluate import OnnxPredictor, evaluate
 
@@ -71,12 +75,12 @@ def _eval(args: argparse.Namespace) -> int:
     except (BundleError, DatasetError, OSError) as exc:
         print(f"lineguard-model eval: error: {exc}", file=sys.stderr)
         return 2
-    post = bundle.manifest.postprocessing or {}
+    post: Postprocessing | dict[str, Any] = bundle.manifest.postprocessing or {}
     operating = args.operating_conf if args.operating_conf is not None else post.get("operating_conf")
     out: dict[str, object] = {"bundle": str(args.bundle), "version": bundle.manifest.version,
                               "split": args.split}
     for role in roles:
-        predictor = OnnxPredictor(bundle.path(role), threads=args.threads)
+        predictor = OnnxPredictor(bundle.path(role), intra_op_threads=args.threads, multi_label=True)
         report = evaluate(predictor, dataset, split=args.split, operating_conf=operating,
                           progress=not args.quiet)
         out[role] = report.to_dict()
@@ -116,15 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cache", default=None, choices=[None, "ram", "disk"])
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--weights", default=None, help="continue from this checkpoint (second stage)")
     t.set_defaults(func=_train)
 
-    b = sub.add_parser("bundle", help="export a checkpoint to ONNX FP32 + INT8 and write a bundle")
+    b = sub.add_parser("bundle", help="export a checkpoint to ONNX FP32 + INT8, measure, write a bundle")
     b.add_argument("--checkpoint", required=True)
+    b.add_argument("--data", required=True, help="dataset: train calibrates INT8, val sets the threshold")
     b.add_argument("--out", required=True)
-    b.add_argument("--calib", required=True, help="dataset directory whose train images calibrate INT8")
-    b.add_argument("--eval-data", default=None, help="dataset to measure the build-time metrics on")
     b.add_argument("--version", required=True)
     b.add_argument("--parent-version", default=None)
+    b.add_argument("--imgsz", default=None, help="model input HxW, e.g. 544x960 (default: training size)")
+    b.add_argument("--target-far", type=float, default=0.002, help="good-part false-alarm rate on val")
+    b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_bundle)
 
     e = sub.add_parser("eval", help="mAP and part-level figures of a bundle on a dataset")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -181,7 +181,8 @@ def make_dev_checkpoint(
         with tempfile.TemporaryDirectory(prefix="lg_cfg_") as tmp:
             cfg_path = Path(tmp) / cfg  # the file stem carries the scale ('n') for Ultralytics
             cfg_path.write_text(yaml.safe_dump(base))
-            model = YOLO(str(cfg_path), task="detect")
+            # Any: ultralytics infers Model.model as "str | None"; it is the nn.Module once built.
+            model: Any = YOLO(str(cfg_path), task="detect")
     else:
         raise ExportError(f"unsupported dev cfg {cfg!r} (a yolov8[nsmlx].yaml name)")
     model.model.names = dict(enumerate(classes))
@@ -243,7 +244,7 @@ def export_onnx_fp32(
 ) -> Path:
     """Ultralytics ONNX export (batch-dynamic, simplified, no NMS) into ``out_path``."""
     _require("onnx", "onnxslim", "onnxruntime")
-    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    hw = (imgsz, imgsz) if isinstance(imgsz, int) else cast("tuple[int, int]", tuple(imgsz))
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="lg_export_") as tmp:
         pt = Path(tmp) / "model.pt"  # Ultralytics writes next to the .pt: keep that in tmp

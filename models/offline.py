@@ -69,7 +69,7 @@ def patch_ultralytics() -> None:
 
     if SETTINGS.get("sync"):
         SETTINGS.update({"sync": False})  # no usage analytics
-    trainer_mod.check_amp = _check_amp_offline  # type: ignore[attr-defined]
+    trainer_mod.check_amp = _check_amp_offline
     try:
         import polars  # noqa: F401
     except ImportError:

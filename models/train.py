@@ -55,6 +55,13 @@ PRESETS: dict[str, TrainPreset] = {
         name="default", imgsz=960, epochs=80, batch=64,
         overrides={**_AUGMENT, "patience": 30, "cos_lr": True},
     ),
+    # Stage 2 of the default recipe: continue from stage 1's best.pt (``--weights``) at a low,
+    # decaying learning rate. Stage 1 alone stopped at val mAP50 0.961 in 7.5 min on an H100.
+    "default-finetune": TrainPreset(
+        name="default-finetune", imgsz=960, epochs=40, batch=64,
+        overrides={**_AUGMENT, "patience": 30, "cos_lr": True, "optimizer": "AdamW", "lr0": 0.0005,
+                   "lrf": 0.05, "warmup_epochs": 1},
+    ),
     # A quick model for tests and CI: a few minutes on 2 CPU cores.
     "ci": TrainPreset(
         name="ci",
@@ -97,11 +104,14 @@ def train(
     workers: int = 8,
     seed: int = 0,
     resume: bool = False,
+    weights: Path | None = None,
     **extra: Any,
 ) -> TrainResult:
     """Train from scratch on ``data_yaml`` and return the best checkpoint.
 
     ``hours`` caps wall time (Ultralytics' ``time`` argument, which then fits the schedule).
+    ``weights`` continues from an earlier checkpoint of ours (a second stage) instead of the
+    preset's architecture YAML; nothing pretrained from elsewhere is ever loaded.
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     if epochs is not None:
@@ -116,10 +126,11 @@ def train(
         last = project_dir / run_name / "weights" / "last.pt"
         if not last.exists():
             raise FileNotFoundError(f"cannot resume: {last} does not exist")
-        model = YOLO(str(last))
+        # Any: ultralytics infers Model.trainer as None (it is set by train()).
+        model: Any = YOLO(str(last))
         results = model.train(resume=True)
     else:
-        model = YOLO(cfg.model_cfg)
+        model = YOLO(str(weights) if weights else cfg.model_cfg)
         args: dict[str, Any] = {
             "data": str(Path(data_yaml).resolve()),
             "imgsz": cfg.imgsz,
@@ -128,7 +139,7 @@ def train(
             "workers": workers,
             "seed": seed,
             "deterministic": True,
-            "pretrained": False,
+            "pretrained": bool(weights),
             "project": str(project_dir),
             "name": run_name,
             "exist_ok": True,

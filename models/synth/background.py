@@ -153,7 +153,7 @@ def belt_strip(
     return _tinted(grey, style.tint)
 
 
-def _tinted(grey: np.ndarray, tint: tuple[float, float, float]) -> np.ndarray:
+def _tinted(grey: np.ndarray, tint: tuple[float, float, float] | np.ndarray) -> np.ndarray:
     """3-channel ``grey * tint`` (cv2.merge is much faster than numpy broadcasting here)."""
     return cv2.merge([grey * np.float32(tint[0]), grey * np.float32(tint[1]), grey * np.float32(tint[2])])
 

@@ -79,11 +79,11 @@ def apply_camera(img: np.ndarray, params: CameraParams, rng: np.random.Generator
     fy, fx = _field(params, h, w)
     wb = np.array([1.0 - 0.07 * params.warmth, 1.0, 1.0 + 0.07 * params.warmth], np.float32)
     field = np.outer(fy, fx)
-    g = wb * params.gain
+    g: np.ndarray = wb * params.gain  # reused below for the Gaussian kernel
     img *= cv2.merge([field * g[0], field * g[1], field * g[2]])
     if params.blur > 1 or params.soften > 0:
         kx = np.full(params.blur, 1.0 / params.blur, np.float32)
-        ky = np.ones(1, np.float32)
+        ky: np.ndarray = np.ones(1, np.float32)
         if params.soften > 0:
             g = cv2.getGaussianKernel(2 * int(np.ceil(3 * params.soften)) + 1, params.soften, cv2.CV_32F).ravel()
             kx, ky = np.convolve(kx, g).astype(np.float32), g
@@ -92,9 +92,10 @@ def apply_camera(img: np.ndarray, params: CameraParams, rng: np.random.Generator
     # proportional to sqrt(level); cv2.add rounds and saturates straight into uint8.
     cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
     noise = np.empty((h, w), np.float32)
-    cv2.randn(noise, 0.0, 1.0)
+    # cv2 stubs type mean/stddev as arrays only; the binding also takes (and documents) scalars.
+    cv2.randn(noise, 0.0, 1.0)  # type: ignore[call-overload]
     if params.shot_noise > 0:
-        std = cv2.sqrt(np.maximum(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), 0.0))
+        std: np.ndarray = cv2.sqrt(np.maximum(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), 0.0))
         std *= params.shot_noise
         std += params.read_noise
         noise *= std

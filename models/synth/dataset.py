@@ -107,7 +107,7 @@ def _meta(seed: int, preset: DatasetPreset, results: list[dict]) -> dict:
             "parts": sum(r["parts"] for r in rows),
             "good_parts": sum(r["good"] for r in rows),
             "defective_parts": sum(r["parts"] - r["good"] for r in rows),
-            "defects": {name: int(n) for name, n in zip(DEFAULT_CLASSES, per_class)},
+            "defects": {name: int(n) for name, n in zip(DEFAULT_CLASSES, per_class, strict=False)},
         }
     return {
         "generator": "models.synth",

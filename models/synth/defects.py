@@ -244,7 +244,7 @@ def _stain(rng: np.random.Generator, ctx: DefectContext) -> DrawnDefect | None:
         axes = (int(size * rng.uniform(0.14, 0.32) * 16), int(size * rng.uniform(0.1, 0.26) * 16))
         cv2.ellipse(canvas, (int(c[0] * 16), int(c[1] * 16)), axes, rng.uniform(0, 180), 0, 360,
                     255, -1, cv2.LINE_AA, 4)
-    m = cv2.GaussianBlur(canvas.astype(np.float32) / 255.0, (0, 0), size * rng.uniform(0.05, 0.1))
+    m: np.ndarray = cv2.GaussianBlur(canvas.astype(np.float32) / 255.0, (0, 0), size * rng.uniform(0.05, 0.1))
     m *= 1.0 + 0.3 * noise_crop("fine" if rng.random() < 0.5 else "mottle", hh, ww,
                                 int(rng.integers(2000)), int(rng.integers(1000)))
     cover = np.clip((m - 0.3) / 0.45, 0.0, 1.0) * ctx.valid[ys, xs]

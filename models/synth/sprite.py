@@ -166,12 +166,12 @@ def render_part(
 
     # Soft cast shadow, offset away from the light.
     off = -light_img * rng.uniform(5, 11) * s
-    shift = np.float32([[1, 0, off[0]], [0, 1, off[1]]])
+    shift = np.array([[1, 0, off[0]], [0, 1, off[1]]], np.float32)
     shadow = cv2.warpAffine(alpha, shift, (ow, oh), flags=cv2.INTER_LINEAR, borderValue=0)
     shadow = cv2.GaussianBlur(shadow, (0, 0), rng.uniform(4, 7) * s) * rng.uniform(0.3, 0.5)
 
-    keep = (1.0 - shadow) * (1.0 - alpha)
-    under = cv2.merge([keep, keep, keep])
+    unshadowed = (1.0 - shadow) * (1.0 - alpha)
+    under = cv2.merge([unshadowed, unshadowed, unshadowed])
     on = alpha > 0.5
     rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
     bbox = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)

@@ -54,7 +54,8 @@ def _tmp_sibling(path: Path) -> Path:
 
 def _open_writer(path: Path, fps: int, width: int, height: int) -> cv2.VideoWriter:
     """mp4v writer with a 2 s keyframe interval (smaller files); plain one where unsupported."""
-    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+    # cv2.VideoWriter_fourcc exists at runtime but is missing from the cv2 stubs.
+    fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]
     key = getattr(cv2, "VIDEOWRITER_PROP_KEY_INTERVAL", None)
     if key is not None:
         writer = cv2.VideoWriter(str(path), fourcc, float(fps), (width, height), [key, KEYFRAME_SECONDS * fps])

@@ -20,6 +20,17 @@ TORCH_FREE_MODULES = [
     "models.metrics",
     "models.onnx_predict",
     "models.evaluate",
+    "models.bundle",
+    "models.onnx_meta",
+    "models.release",
+    "models.synth",
+    "models.cli",
+    "edge_agent.detector",
+    "edge_agent.sources",
+    "edge_agent.replay",
+    "edge_agent.golden",
+    "edge_agent.cli",
+    "lineguard_contract",
 ]
 
 BLOCKER = textwrap.dedent(

@@ -80,7 +80,7 @@ def test_labels_valid_and_inside_defective_parts(small: Path, split: str) -> Non
             assert int(cls) == cls and 0 <= cls < len(DEFAULT_CLASSES)
             assert w > 0 and h > 0
             bx = ((cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H)
-            assert -1e-6 <= cx - w / 2 and cx + w / 2 <= 1 + 1e-6 and -1e-6 <= cy - h / 2 and cy + h / 2 <= 1 + 1e-6
+            assert cx - w / 2 >= -1e-6 and cx + w / 2 <= 1 + 1e-6 and cy - h / 2 >= -1e-6 and cy + h / 2 <= 1 + 1e-6
             owners = [p for p in parts if p["box"][0] - 0.01 <= bx[0] and bx[2] <= p["box"][2] + 0.01
                       and p["box"][1] - 0.01 <= bx[1] and bx[3] <= p["box"][3] + 0.01]
             assert owners and all(p["defective"] for p in owners)

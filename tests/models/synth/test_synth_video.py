@@ -50,7 +50,7 @@ def test_parts_move_right_monotonically(clip: tuple[Path, list[dict]]) -> None:
             tracks[p["id"]].append(p["box"])
     assert len(tracks) >= 2 and max(len(f["parts"]) for f in frames) >= 2
     for boxes in tracks.values():
-        for a, b in zip(boxes, boxes[1:]):
+        for a, b in zip(boxes, boxes[1:], strict=False):
             assert b[0] >= a[0] and b[2] >= a[2] and b[0] + b[2] > a[0] + a[2]
             if min(a[0], b[0]) > 0 and max(a[2], b[2]) < W:  # wholly in view: no vertical motion
                 assert (b[1], b[3]) == (a[1], a[3])
@@ -79,7 +79,7 @@ def test_defects_keep_their_shape(clip: tuple[Path, list[dict]]) -> None:
     for f in frames:
         for o in f["objects"]:
             x1, y1, x2, y2 = o["box"]
-            if 0 < x1 and x2 < W:
+            if x1 > 0 and x2 < W:
                 sizes[(o["cls"], y1, y2)].add((round(x2 - x1, 2), round(y2 - y1, 2)))
     assert sizes and all(len(v) == 1 for v in sizes.values())
 

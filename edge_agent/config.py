@@ -1,0 +1,204 @@
+"""The agent's configuration: one YAML file per camera station, validated before anything starts.
+
+Every section rejects unknown keys (``extra="forbid"``), so a typo is an error that names the key
+instead of a silently ignored setting. Secrets never live in the file: the MQTT password comes
+from the environment variable named by ``mqtt.password_env`` or from ``mqtt.password_file``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AgentConfig", "BatchingConfig", "CameraConfig", "ConfigError", "IdentityConfig", "MetricsConfig",
+    "ModelConfig", "MqttConfig", "OutboxConfig", "SamplingConfig", "build_config", "load_config",
+]
+
+_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentityConfig(_Strict):
+    site: str = Field("site1", pattern=_ID)
+    line: str = Field("line1", pattern=_ID)
+    station: str = Field("station1", pattern=_ID)
+    agent_id: str | None = Field(None, pattern=_ID, description="MQTT client id; default site-line-station")
+
+    @property
+    def client_id(self) -> str:
+        return self.agent_id or f"{self.site}-{self.line}-{self.station}"
+
+
+class CameraConfig(_Strict):
+    id: str = Field(pattern=_ID)
+    source: str = Field(min_length=1, description="file path, folder, rtsp://..., or a USB index / /dev/videoN")
+    kind: Literal["auto", "file", "folder", "rtsp", "usb"] = "auto"
+    realtime: bool = Field(True, description="pace recorded video at its own frame rate")
+    loop: bool = False
+
+
+class ModelConfig(_Strict):
+    bundle: Path = Path("models/default")
+    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    role: Literal["onnx_int8", "onnx_fp32"] = "onnx_int8"
+    providers: list[str] | None = Field(None, description="ONNX Runtime providers in order; default: best available")
+    conf: float | None = Field(None, ge=0, le=1, description="default: the bundle's operating threshold")
+    threads: int | None = Field(None, ge=1)
+
+
+class BatchingConfig(_Strict):
+    latency_slo_ms: float = Field(100.0, gt=0, description="per-frame capture-to-result objective")
+    max_batch: int = Field(8, ge=1, le=256)
+    max_queue_delay_ms: float = Field(10.0, ge=0)
+
+
+class SamplingConfig(_Strict):
+    defect_conf: float | None = Field(None, ge=0, le=1, description="default: the bundle's operating threshold")
+    uncertain_band: tuple[float, float] = (0.05, 0.25)
+    negative_rate: float = Field(0.002, ge=0, le=1, description="share of defect-free frames sampled")
+    max_per_minute: float = Field(30.0, gt=0, description="per camera")
+    jpeg_quality: int = Field(90, ge=30, le=100)
+
+    @field_validator("uncertain_band")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 1:
+            raise ValueError(f"must be [low, high] with 0 <= low < high <= 1, got {list(v)}")
+        return v
+
+
+class MqttConfig(_Strict):
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port (TLS)")
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    username: str | None = None
+    password_env: str = "LINEGUARD_MQTT_PASSWORD"
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    heartbeat_s: float = Field(10.0, gt=0)
+    publish_results: bool = True
+    max_inflight: int = Field(20, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"must look like mqtt://host:port or mqtts://host:port, got {v!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"bad port in {v!r}") from e
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        p = urlsplit(self.url)
+        return p.port or (8883 if p.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
+
+    def password(self) -> str | None:
+        """The secret, read at start from the file or the environment (never from the YAML)."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {e}") from e
+        return os.environ.get(self.password_env)
+
+
+class OutboxConfig(_Strict):
+    path: Path = Path("var/outbox.sqlite3")
+    quota_mb: float = Field(1024.0, gt=0)
+
+
+class MetricsConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics; 0 disables it")
+
+
+class AgentConfig(_Strict):
+    identity: IdentityConfig = IdentityConfig()
+    cameras: list[CameraConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    batching: BatchingConfig = BatchingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _unique_cameras(self) -> AgentConfig:
+        ids = [c.id for c in self.cameras]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"camera ids must be unique; repeated: {dup}")
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], origin: str = "config") -> AgentConfig:
+    """Validate a parsed mapping; :class:`ConfigError` lists every bad key with its dotted path."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: invalid configuration:\n{_describe(e)}") from None
+
+
+def load_config(path: Path | str | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read ``path`` (YAML; ``None`` means an empty file) and apply ``overrides`` (dotted keys)."""
+    data: dict[str, Any] = {}
+    origin = str(path) if path is not None else "command line"
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{origin}: {key} must be a mapping to set {dotted}")
+            node = child
+        node[leaf] = value
+    return build_config(data, origin)
