@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.batcher import AdaptiveBatcher, BatchPolicy, Result  # noqa: E402
-from edge_agent.detector import OnnxDetector  # noqa: E402
+from edge_agent.detector import Detector  # noqa: E402
+from edge_agent.runtime import create_detector  # noqa: E402
 from edge_agent.sources import FileStreamSource  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
 
@@ -123,6 +124,10 @@ def main() -> int:
     ap.add_argument("--video", type=Path, default=Path("sample_data/line_1080p.mp4"))
     ap.add_argument("--model", default="onnx_int8", choices=["onnx_int8", "onnx_fp32"])
     ap.add_argument("--max-streams", type=int, default=8)
+    ap.add_argument("--step", type=int, default=1, help="streams added per step")
+    ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch", "auto"],
+                    help="torch: the checkpoint in FP16 on CUDA (GPU machines)")
+    ap.add_argument("--workers", type=int, default=None, help="ONNX Runtime sessions (default: the agent's choice)")
     ap.add_argument("--duration-per-step", type=float, default=15.0, help="seconds per number of streams")
     ap.add_argument("--slo-ms", type=float, default=None, help="latency objective (default: by provider)")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -133,14 +138,17 @@ def main() -> int:
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle, roles=(args.model,))
-    detector = OnnxDetector(bundle, role=args.model, threads=args.threads)
+    detector = create_detector(str(args.bundle), runtime=args.runtime, role=args.model, threads=args.threads,
+                               workers=args.workers or min(args.max_streams, os.cpu_count() or 1, 4))
     detector.load()
+    prepare = type(detector).detect_prepared is not Detector.detect_prepared  # letterbox in capture threads
     policy = BatchPolicy.for_provider(detector.provider, max_batch=args.max_batch,
                                       **({"slo_ms": args.slo_ms} if args.slo_ms else {}))
     probe = FileStreamSource(args.video)
     frame = np.zeros((probe.height, probe.width, 3), np.uint8)
     alone_ms: dict[int, float] = {}
-    for n in range(1, policy.max_batch + 1):  # first runs at a new batch shape allocate: keep them out
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, policy.max_batch} & set(range(1, policy.max_batch + 1)))
+    for n in sizes:  # first runs at a new batch shape allocate: keep them out
         detector.detect([frame] * n)
         t = time.perf_counter()
         detector.detect([frame] * n)
@@ -161,23 +169,27 @@ def main() -> int:
     samples: list[dict[str, float]] = []
     steps: list[dict[str, Any]] = []
     fps = 0.0
-    bar = tqdm(total=round(args.max_streams * args.duration_per_step), unit="s", disable=args.quiet,
+    counts = list(range(args.step, args.max_streams + 1, args.step)) or [args.max_streams]
+    bar = tqdm(total=round(len(counts) * args.duration_per_step), unit="s", disable=args.quiet,
                desc="ramp", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s {postfix}")
     batcher.start()
     try:
-        for k in range(1, args.max_streams + 1):
-            src = FileStreamSource(args.video, f"cam{k}", loop=True)
-            fps = src.fps
-            src.start()
-            sources.append(src)
-            batcher.add_source(src)
+        for step, k in enumerate(counts, start=1):
+            while len(sources) < k:
+                src = FileStreamSource(args.video, f"cam{len(sources) + 1}", loop=True)
+                if prepare:
+                    src.transform = detector.prepare
+                fps = src.fps
+                src.start()
+                sources.append(src)
+                batcher.add_source(src)
             before = [s.stats() for s in sources]
             t_step = time.monotonic() - start
             samples.append({"t": t_step, "streams": k, "offered_fps": k * fps,
                             "batch_size": batcher.batch_size})
             with lock:
                 n0 = len(done)
-            while (now := time.monotonic() - start) < k * args.duration_per_step:
+            while (now := time.monotonic() - start) < step * args.duration_per_step:
                 time.sleep(0.5)
                 st = batcher.stats()
                 samples.append({"t": now, "streams": k, "offered_fps": k * fps, "batch_size": st.batch_size,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -79,7 +80,9 @@ class Agent:
         self.clock = clock
         self.detector = detector or create_detector(
             str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,
-            providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads)
+            providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
+            # a batch holds at most one frame per camera: more sessions than cameras would idle
+            workers=cfg.model.workers or min(len(cfg.cameras), os.cpu_count() or 1, 4))
         self.sources = sources if sources is not None else [
             open_source(c.source, c.id, loop=c.loop, realtime=c.realtime) for c in cfg.cameras]
         self.metrics = AgentMetrics()
@@ -114,7 +117,10 @@ class Agent:
         self.batcher = AdaptiveBatcher(self.detector, policy=policy, on_results=self._on_results)
         self._bind_metrics()
         self.uplink.start()
+        prepare_in_capture = type(self.detector).detect_prepared is not Detector.detect_prepared
         for src in self.sources:
+            if prepare_in_capture and hasattr(src, "transform"):
+                src.transform = self.detector.prepare  # letterbox in each camera's thread
             src.start()
             self.batcher.add_source(src)
         self._started = time.monotonic()

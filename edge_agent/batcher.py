@@ -208,7 +208,10 @@ class AdaptiveBatcher:
             return []
         start = time.monotonic()
         try:
-            detections = self.detector.detect([f.image for f in frames])
+            if all(f.prepared is not None for f in frames):  # letterboxed in the capture threads
+                detections = self.detector.detect_prepared([f.prepared for f in frames])
+            else:
+                detections = self.detector.detect([f.image for f in frames])
             if len(detections) != len(frames):
                 raise RuntimeError(f"detector returned {len(detections)} results for {len(frames)} frames")
         except Exception:

@@ -52,6 +52,7 @@ class Frame:
     camera_id: str = ""
     capture_time: float = 0.0  # time.time() when the frame was captured, for records
     capture_mono: float = 0.0  # time.monotonic() when the frame was captured, for latency
+    prepared: Any = None  # the detector's input made from ``image`` in the capture thread, if asked
 
 
 class SourceState(StrEnum):
@@ -221,6 +222,10 @@ class LiveSource(Source):
         self._lost_since = 0.0
         self._due: float | None = None  # when the next paced frame is due (monotonic)
         self._t0 = time.monotonic()
+        #: Runs on every frame in the capture thread (e.g. ``Detector.prepare``: letterbox and
+        #: layout), so that work is spread over the cameras' threads instead of the batcher's.
+        self.transform: Callable[[np.ndarray], Any] | None = None
+        self._transform_failed = False
 
     # ---- consumer side ----------------------------------------------------------------------
     def start(self) -> None:
@@ -357,10 +362,18 @@ class LiveSource(Source):
         return n, media_fps, None
 
     def _deliver(self, image: np.ndarray, pts: float, wall: float, mono: float) -> None:
+        prepared = None
+        if self.transform is not None:
+            try:
+                prepared = self.transform(image)
+            except Exception:  # the consumer falls back to the raw image; say so once
+                if not self._transform_failed:
+                    self._transform_failed = True
+                    log.exception("camera %s: frame transform failed; passing raw frames", self.camera_id)
         with self._cond:
             if self._frame is not None:
                 self._dropped += 1
-            self._frame = Frame(self._next_index, pts, image, self.camera_id, wall, mono)
+            self._frame = Frame(self._next_index, pts, image, self.camera_id, wall, mono, prepared)
             self._next_index += 1
             self._captured += 1
             self._cond.notify_all()

@@ -41,7 +41,7 @@ def _replay(args: argparse.Namespace) -> int:
           f"{report.frames_with_detections} frames with defects)", file=sys.stderr)
     if report.annotated:
         print(f"annotated: {report.annotated}", file=sys.stderr)
-    print(f"speed:     {report.fps} fps end to end, {report.infer_ms_per_frame} ms/frame in the model "
+    print(f"speed:     {report.fps} fps end to end, {report.sessions} model session(s) "
           f"({report.provider}, model v{report.model_version})", file=sys.stderr)
     if args.expect is not None:
         try:

@@ -56,7 +56,9 @@ class ModelConfig(_Strict):
     role: Literal["onnx_int8", "onnx_fp32"] = "onnx_int8"
     providers: list[str] | None = Field(None, description="ONNX Runtime providers in order; default: best available")
     conf: float | None = Field(None, ge=0, le=1, description="default: the bundle's operating threshold")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session")
+    workers: int | None = Field(None, ge=1, le=16, description="ONNX Runtime sessions side by side; default: "
+                                "one per camera up to the cores (4 at most) on a CPU, one on a GPU")
 
 
 class BatchingConfig(_Strict):

@@ -20,10 +20,17 @@ __all__ = ["create_detector"]
 log = logging.getLogger(__name__)
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
+
+
 def _torch_usable(bundle_dir: str) -> tuple[bool, str]:
-    if importlib.util.find_spec("torch") is None:
+    if not _installed("torch"):
         return False, "torch is not installed"
-    if importlib.util.find_spec("ultralytics") is None:
+    if not _installed("ultralytics"):
         return False, "ultralytics is not installed"
     from edge_agent.torch_detector import torch_cuda_available
 
@@ -43,6 +50,7 @@ def create_detector(
     providers: Sequence[str] | None = None,
     conf: float | None = None,
     threads: int | None = None,
+    workers: int | None = None,
 ) -> Detector:
     """A loaded-on-demand detector for ``bundle_dir`` (call ``.load()`` before ``.detect()``)."""
     if runtime not in ("auto", "onnxruntime", "torch"):
@@ -58,4 +66,4 @@ def create_detector(
             raise DetectorError(f"runtime torch was asked for but cannot run here: {why}")
         log.info("runtime auto: ONNX Runtime (%s)", why)
     bundle = load_bundle(bundle_dir, roles=(role,))
-    return OnnxDetector(bundle, role=role, providers=providers, threads=threads, conf=conf)
+    return OnnxDetector(bundle, role=role, providers=providers, threads=threads, conf=conf, workers=workers)

@@ -20,8 +20,9 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
@@ -71,8 +72,10 @@ _END = object()
 class VideoFileSource:
     """Reads a recorded video as fast as the consumer takes frames, in a decoder thread."""
 
-    def __init__(self, path: Path | str, prefetch: int = 8) -> None:
+    def __init__(self, path: Path | str, prefetch: int = 8,
+                 transform: Callable[[np.ndarray], Any] | None = None) -> None:
         self.path = Path(path)
+        self.transform = transform  # run in the decoder thread (e.g. ``Detector.prepare``)
         cap, first = _probe_video(self.path)
         self.fps = float(cap.get(cv2.CAP_PROP_FPS)) or 30.0
         self.frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
@@ -91,7 +94,9 @@ class VideoFileSource:
                 ok, image = self._cap.read()
                 if not ok:
                     break
-                self._queue.put(Frame(index, index / self.fps, image, self.path.stem, time.time(), time.monotonic()))
+                prepared = self.transform(image) if self.transform is not None else None
+                self._queue.put(Frame(index, index / self.fps, image, self.path.stem, time.time(), time.monotonic(),
+                                      prepared))
                 index += 1
         except BaseException as exc:  # surfaced to the consumer, never swallowed
             self._error = exc

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.detector import Detector, DetectorError
+from edge_agent.detector import Detector, DetectorError, Prepared
 from models.bundle import Bundle
 from models.detections import Detections
-from models.processing import postprocess, preprocess_batch
+from models.processing import letterbox, postprocess
 
 __all__ = ["TorchDetector", "torch_cuda_available"]
 
@@ -36,15 +36,7 @@ def torch_cuda_available() -> bool:
 class TorchDetector(Detector):
     def __init__(self, bundle: Bundle, device: str | None = None, half: bool | None = None,
                  conf: float | None = None, iou: float | None = None) -> None:
-        self.bundle = bundle
-        manifest = bundle.manifest
-        self.classes = list(manifest.classes)
-        self.input_size = (int(manifest.input_size[0]), int(manifest.input_size[1]))
-        self.version = manifest.version
-        post: dict[str, Any] = manifest.postprocessing.model_dump()
-        self.conf = float(conf if conf is not None else post.get("operating_conf", post.get("conf", 0.25)))
-        self.iou = float(iou if iou is not None else post.get("iou", 0.7))
-        self.max_det = int(post.get("max_det", 300))
+        self._configure(bundle, conf, iou)
         self._device_wanted = device
         self._half_wanted = half
         self._model: Any = None
@@ -80,16 +72,26 @@ class TorchDetector(Detector):
         log.info("model %s v%s on %s", self.bundle.manifest.name, self.version, self.provider)
         self.detect([np.full((self.input_size[0], self.input_size[1], 3), 114, np.uint8)])
 
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """Letterbox only (uint8 HWC BGR): colour order, layout and scaling happen on the GPU,
+        so each frame crosses the bus as a quarter of the float32 bytes."""
+        boxed, info = letterbox(image, self.input_size)
+        return Prepared(boxed, info)
+
     def detect(self, frames: Sequence[np.ndarray]) -> list[Detections]:
+        return self.detect_prepared([self.prepare(f) for f in frames])
+
+    def detect_prepared(self, items: Sequence[Prepared]) -> list[Detections]:
         if self._model is None:
             raise DetectorError("detect() called before load()")
-        if not frames:
+        if not items:
             return []
         torch = self._torch
-        batch, infos = preprocess_batch(list(frames), self.input_size)
+        batch = np.stack([p.data for p in items])  # (B, H, W, 3) uint8 BGR
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self._device, non_blocking=True)
-            x = x.half() if self._half else x
+            x = x.flip(-1).permute(0, 3, 1, 2)  # BGR HWC -> RGB CHW
+            x = (x.half() if self._half else x.float()).div_(255.0).contiguous()
             out = self._model(x)
             raw = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu().numpy()
-        return postprocess(raw, infos, conf=self.conf, iou=self.iou, max_det=self.max_det)
+        return postprocess(raw, [p.info for p in items], conf=self.conf, iou=self.iou, max_det=self.max_det)

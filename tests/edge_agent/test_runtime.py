@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -28,6 +31,27 @@ def _frame(index: int = 45) -> np.ndarray:
 def test_auto_on_a_cpu_host_is_onnxruntime_int8() -> None:
     det = create_detector(str(BUNDLE))
     assert isinstance(det, OnnxDetector) and det.role == "onnx_int8"
+
+
+def test_auto_without_torch_installed_is_onnxruntime() -> None:
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"torch", "torchvision", "ultralytics"}:
+                    raise ModuleNotFoundError(f"blocked import of {name}", name=name)
+        sys.meta_path.insert(0, Blocker())
+        from edge_agent.runtime import create_detector
+        det = create_detector(sys.argv[1])
+        det.load()
+        print(type(det).__name__, det.provider)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(BUNDLE)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["OnnxDetector", "CPUExecutionProvider"]
 
 
 @pytest.mark.parametrize(("runtime", "error"), [("tensorflow", "unknown runtime"), ("torch", "cannot run here")])
@@ -76,3 +100,17 @@ def test_torch_fp16_on_cuda_matches_onnx_fp32() -> None:
     ref.load()
     a, b = ref.detect([frame])[0], det.detect([frame])[0]
     assert abs(len(a) - len(b)) <= 1
+
+
+def test_prepared_in_another_thread_gives_the_same_detections() -> None:
+    from models.bundle import load_bundle
+
+    det = OnnxDetector(load_bundle(BUNDLE, roles=("onnx_int8",)), conf=0.05)
+    det.load()
+    frames = [_frame(30), _frame(45), _frame(60)]
+    direct = det.detect(frames)
+    prepared = det.detect_prepared([det.prepare(f) for f in frames])
+    assert sum(len(d) for d in direct) > 0
+    for a, b in zip(direct, prepared, strict=True):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)

@@ -30,6 +30,18 @@ TORCH_FREE_MODULES = [
     "edge_agent.replay",
     "edge_agent.golden",
     "edge_agent.cli",
+    "edge_agent.agent",
+    "edge_agent.runtime",
+    "edge_agent.torch_detector",
+    "edge_agent.batcher",
+    "edge_agent.capture",
+    "edge_agent.sampler",
+    "edge_agent.outbox",
+    "edge_agent.uplink",
+    "edge_agent.mqtt",
+    "edge_agent.metrics",
+    "edge_agent.config",
+    "lineguard_contract",
     "lineguard_contract",
 ]
 
