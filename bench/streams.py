@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--step", type=int, default=1, help="streams added per step")
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch", "auto"],
                     help="torch: the checkpoint in FP16 on CUDA (GPU machines)")
-    ap.add_argument("--workers", type=int, default=None, help="ONNX Runtime sessions (default: the agent's choice)")
+    ap.add_argument("--workers", type=int, default=None, help="ONNX Runtime sessions (default 1, as the agent)")
     ap.add_argument("--duration-per-step", type=float, default=15.0, help="seconds per number of streams")
     ap.add_argument("--slo-ms", type=float, default=None, help="latency objective (default: by provider)")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -139,7 +139,7 @@ def main() -> int:
 
     bundle = load_bundle(args.bundle, roles=(args.model,))
     detector = create_detector(str(args.bundle), runtime=args.runtime, role=args.model, threads=args.threads,
-                               workers=args.workers or min(args.max_streams, os.cpu_count() or 1, 4))
+                               workers=args.workers or 1)  # as the agent: one session, every core
     detector.load()
     prepare = type(detector).detect_prepared is not Detector.detect_prepared  # letterbox in capture threads
     policy = BatchPolicy.for_provider(detector.provider, max_batch=args.max_batch,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -81,8 +80,10 @@ class Agent:
         self.detector = detector or create_detector(
             str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,
             providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
-            # a batch holds at most one frame per camera: more sessions than cameras would idle
-            workers=cfg.model.workers or min(len(cfg.cameras), os.cpu_count() or 1, 4))
+            # Live frames want latency: one session with every core finishes a frame soonest
+            # (57 ms here against 92 ms for a 1-thread session); more sessions only pay once the
+            # batcher runs batches of several cameras (model.workers).
+            workers=cfg.model.workers or 1)
         self.sources = sources if sources is not None else [
             open_source(c.source, c.id, loop=c.loop, realtime=c.realtime) for c in cfg.cameras]
         self.metrics = AgentMetrics()

@@ -57,8 +57,8 @@ class ModelConfig(_Strict):
     providers: list[str] | None = Field(None, description="ONNX Runtime providers in order; default: best available")
     conf: float | None = Field(None, ge=0, le=1, description="default: the bundle's operating threshold")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session")
-    workers: int | None = Field(None, ge=1, le=16, description="ONNX Runtime sessions side by side; default: "
-                                "one per camera up to the cores (4 at most) on a CPU, one on a GPU")
+    workers: int | None = Field(None, ge=1, le=16, description="ONNX Runtime sessions side by side, a batch "
+                                "split over them; default 1 (lowest latency per frame)")
 
 
 class BatchingConfig(_Strict):

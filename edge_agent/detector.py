@@ -163,6 +163,8 @@ class OnnxDetector(Detector):
             raise DetectorError("detect() called before load()")
         if not frames:
             return []
+        if self._executor is not None and len(frames) > 1:
+            return self.detect_prepared([self.prepare(f) for f in frames])
         batch, infos = preprocess_batch(list(frames), self.input_size)
         return self._run(batch, infos)
 
