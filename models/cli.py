@@ -36,14 +36,18 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.train import train
+    from models.train import train, train_recipe
 
-    result = train(
-        Path(args.data), preset=args.preset, project_dir=Path(args.project), device=args.device,
-        epochs=args.epochs, hours=args.hours, workers=args.workers, seed=args.seed, resume=args.resume,
-        weights=Path(args.weights) if args.weights else None,
-        **({"cache": args.cache} if args.cache else {}),
-    )
+    common = {"project_dir": Path(args.project), "device": args.device, "epochs": args.epochs,
+              "workers": args.workers, "seed": args.seed, **({"cache": args.cache} if args.cache else {})}
+    weights = Path(args.weights) if args.weights else None
+    if args.resume:
+        result = train(Path(args.data), preset=args.preset, hours=args.hours, resume=True, weights=weights,
+                       **common)
+    else:
+        stages = args.stages.split(",") if args.stages else None
+        result = train_recipe(Path(args.data), preset=args.preset, hours=args.hours, weights=weights,
+                              stages=stages, **common)[-1]
     print(json.dumps(result.summary()))
     return 0
 
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", default=None, choices=[None, "ram", "disk"])
     t.add_argument("--resume", action="store_true")
     t.add_argument("--weights", default=None, help="continue from this checkpoint (second stage)")
+    t.add_argument("--stages", default=None, help="comma-separated stages of the preset's recipe to run "
+                   "(default: all; `default` is default,default-finetune)")
     t.set_defaults(func=_train)
 
     b = sub.add_parser("bundle", help="export a checkpoint to ONNX FP32 + INT8, measure, write a bundle")

@@ -8,13 +8,14 @@ torch and ultralytics are imported lazily: they belong to the ``train`` extra on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from models.offline import configure_offline, patch_ultralytics
 
-__all__ = ["TrainPreset", "PRESETS", "train", "TrainResult"]
+__all__ = ["RECIPES", "TrainPreset", "PRESETS", "train", "train_recipe", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +163,41 @@ def train(
     metrics = {k: float(v) for k, v in (getattr(results, "results_dict", None) or {}).items()}
     log.info("trained %s -> %s %s", cfg.name, best, metrics)
     return TrainResult(checkpoint=best, run_dir=save_dir, preset=cfg, metrics=metrics)
+
+
+#: Presets that train in stages: each stage continues from the previous stage's best checkpoint,
+#: with its share of ``hours``. The shipped default model is ``default`` then ``default-finetune``
+#: (7.5 + 6.9 min on an H100; docs/model.md).
+RECIPES: dict[str, tuple[tuple[str, float], ...]] = {
+    "default": (("default", 0.52), ("default-finetune", 0.48)),
+}
+
+
+def train_recipe(
+    data_yaml: Path,
+    preset: str = "default",
+    hours: float | None = None,
+    weights: Path | None = None,
+    stages: Sequence[str] | None = None,
+    train_fn: Callable[..., TrainResult] | None = None,
+    **kwargs: Any,
+) -> list[TrainResult]:
+    """Run ``preset``'s stages (one stage for a preset without a recipe); the last result is the model.
+
+    ``stages`` picks a subset by preset name (e.g. only ``default-finetune`` with ``weights``).
+    """
+    fn = train_fn or train
+    plan = RECIPES.get(preset, ((preset, 1.0),))
+    if stages:
+        unknown = set(stages) - {name for name, _ in plan}
+        if unknown:
+            raise ValueError(f"stages {sorted(unknown)} are not in recipe {preset!r}: {[n for n, _ in plan]}")
+        plan = tuple((n, share) for n, share in plan if n in stages)
+    results: list[TrainResult] = []
+    for name, share in plan:
+        stage_hours = hours * share if hours is not None else None
+        result = fn(data_yaml, preset=name, hours=stage_hours, weights=weights, **kwargs)
+        log.info("stage %s done: %s", name, result.checkpoint)
+        results.append(result)
+        weights = result.checkpoint
+    return results
