@@ -7,13 +7,13 @@ from the environment variable named by ``mqtt.password_env`` or from ``mqtt.pass
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lineguard_contract.connection import BrokerSettings, describe_validation_error
 
 __all__ = [
     "AgentConfig", "BatchingConfig", "CameraConfig", "ConfigError", "IdentityConfig", "MetricsConfig",
@@ -82,44 +82,16 @@ class SamplingConfig(_Strict):
         return v
 
 
-class MqttConfig(_Strict):
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port (TLS)")
+class MqttConfig(BrokerSettings):
+    """``url``, ``username``, ``password_env``, ``ca_file``, ``keepalive_s`` come from the contract."""
+
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    username: str | None = None
-    password_env: str = "LINEGUARD_MQTT_PASSWORD"
     password_file: Path | None = None
-    ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    keepalive_s: int = Field(30, ge=5, le=3600)
     heartbeat_s: float = Field(10.0, gt=0)
     publish_results: bool = True
     max_inflight: int = Field(20, ge=1, le=1000)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"must look like mqtt://host:port or mqtts://host:port, got {v!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"bad port in {v!r}") from e
-        return v
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        p = urlsplit(self.url)
-        return p.port or (8883 if p.scheme == "mqtts" else 1883)
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
 
     def password(self) -> str | None:
         """The secret, read at start from the file or the environment (never from the YAML)."""
@@ -128,7 +100,7 @@ class MqttConfig(_Strict):
                 return self.password_file.read_text().strip()
             except OSError as e:
                 raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {e}") from e
-        return os.environ.get(self.password_env)
+        return super().password()
 
 
 class OutboxConfig(_Strict):
@@ -161,21 +133,12 @@ class AgentConfig(_Strict):
         return self
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
 def build_config(data: dict[str, Any], origin: str = "config") -> AgentConfig:
     """Validate a parsed mapping; :class:`ConfigError` lists every bad key with its dotted path."""
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid configuration:\n{_describe(e)}") from None
+        raise ConfigError(f"{origin}: invalid configuration:\n{describe_validation_error(e)}") from None
 
 
 def load_config(path: Path | str | None, overrides: dict[str, Any] | None = None) -> AgentConfig:

@@ -3,6 +3,7 @@
 This package is the only place topic strings and payload fields are written. Both sides import it.
 """
 
+from lineguard_contract.connection import BrokerSettings, describe_validation_error
 from lineguard_contract.payloads import (
     MAX_PAYLOAD_BYTES,
     ContractError,
@@ -19,6 +20,8 @@ from lineguard_contract.payloads import (
 from lineguard_contract.topics import CONTRACT_VERSION, StationId, Topics
 
 __all__ = [
+    "BrokerSettings",
+    "describe_validation_error",
     "CONTRACT_VERSION",
     "Topics",
     "StationId",

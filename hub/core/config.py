@@ -8,12 +8,10 @@ environment variable named by ``mqtt.password_env``. Nothing here is built at im
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from lineguard_contract import MAX_PAYLOAD_BYTES
+from lineguard_contract.connection import BrokerSettings, describe_validation_error
 from lineguard_contract.topics import SEGMENT_PATTERN
 
 __all__ = ["ConfigError", "HubConfig", "HubMqttConfig", "build_config", "load_config"]
@@ -30,50 +29,18 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-class HubMqttConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class HubMqttConfig(BrokerSettings):
+    """``url``, ``username``, ``ca_file``, ``keepalive_s`` come from the contract."""
 
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port (TLS)")
-    username: str | None = None
     password_env: str = Field("LINEGUARD_HUB_MQTT_PASSWORD", min_length=1)
-    ca_file: Path | None = None
     client_id: str | None = Field(None, pattern=SEGMENT_PATTERN,
                                   description="stable per worker (persistent session); default <group>-<host>")
     shared_group: str = Field("lineguard-hub", pattern=SEGMENT_PATTERN,
                               description="$share group: workers of one group split the samples")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"must look like mqtt://host:port or mqtts://host:port, got {v!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"bad port in {v!r}") from e
-        return v
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        p = urlsplit(self.url)
-        return p.port or (8883 if p.scheme == "mqtts" else 1883)
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts" or self.ca_file is not None
 
     def resolved_client_id(self) -> str:
         return self.client_id or f"{self.shared_group}-{socket.gethostname()}"[:64]
 
-    def password(self) -> str | None:
-        """The secret, read at start from the environment (never from the file)."""
-        return os.environ.get(self.password_env)
 
 
 class HubConfig(BaseModel):
@@ -111,21 +78,12 @@ class HubConfig(BaseModel):
         return self.data_dir / "blobs"
 
 
-def _describe(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors(include_url=False):
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
 def build_config(data: Mapping[str, Any] | None = None, origin: str = "hub config") -> HubConfig:
     """A validated :class:`HubConfig`; :class:`ConfigError` naming every bad key otherwise."""
     try:
         return HubConfig.model_validate(dict(data or {}))
     except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid configuration:\n{_describe(e)}") from None
+        raise ConfigError(f"{origin}: invalid configuration:\n{describe_validation_error(e)}") from None
 
 
 def load_config(path: Path | str) -> HubConfig:
