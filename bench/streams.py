@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.batcher import AdaptiveBatcher, BatchPolicy, Result  # noqa: E402
-from edge_agent.detector import Detector  # noqa: E402
 from edge_agent.runtime import create_detector  # noqa: E402
 from edge_agent.sources import FileStreamSource  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
@@ -141,7 +140,6 @@ def main() -> int:
     detector = create_detector(str(args.bundle), runtime=args.runtime, role=args.model, threads=args.threads,
                                workers=args.workers or 1)  # as the agent: one session, every core
     detector.load()
-    prepare = type(detector).detect_prepared is not Detector.detect_prepared  # letterbox in capture threads
     policy = BatchPolicy.for_provider(detector.provider, max_batch=args.max_batch,
                                       **({"slo_ms": args.slo_ms} if args.slo_ms else {}))
     probe = FileStreamSource(args.video)
@@ -177,8 +175,7 @@ def main() -> int:
         for step, k in enumerate(counts, start=1):
             while len(sources) < k:
                 src = FileStreamSource(args.video, f"cam{len(sources) + 1}", loop=True)
-                if prepare:
-                    src.transform = detector.prepare
+                src.transform = detector.prepare  # letterbox in the capture threads
                 fps = src.fps
                 src.start()
                 sources.append(src)

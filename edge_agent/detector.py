@@ -37,7 +37,7 @@ class Prepared:
     """A frame already made into one detector's input, and how to map boxes back to the frame."""
 
     data: np.ndarray
-    info: LetterboxInfo
+    info: LetterboxInfo | None  # None: ``data`` is the frame itself (no letterbox yet)
 
 
 class DetectorError(RuntimeError):
@@ -74,14 +74,14 @@ class Detector(ABC):
         """One :class:`Detections` per frame, boxes in that frame's pixel coordinates."""
 
     def prepare(self, image: np.ndarray) -> Prepared:
-        """Letterbox ``image`` into this model's input (run it where there are cores to spare:
-        a capture thread). Default: RGB CHW float32 in [0, 1], what ONNX Runtime takes."""
-        batch, infos = preprocess_batch([image], self.input_size)
-        return Prepared(batch[0], infos[0])
+        """Turn ``image`` into this model's input, where there are cores to spare (a capture
+        thread). Default: the frame itself; backends override it with their letterbox."""
+        return Prepared(image, None)
 
     def detect_prepared(self, items: Sequence[Prepared]) -> list[Detections]:
-        """:meth:`detect` on frames already :meth:`prepare`-d; same results."""
-        raise NotImplementedError(f"{type(self).__name__} takes raw frames only")
+        """:meth:`detect` on frames already :meth:`prepare`-d; same results. Default: the
+        frames kept by the default :meth:`prepare` go through :meth:`detect`."""
+        return self.detect([p.data for p in items])
 
 
 class OnnxDetector(Detector):
@@ -168,6 +168,11 @@ class OnnxDetector(Detector):
         batch, infos = preprocess_batch(list(frames), self.input_size)
         return self._run(batch, infos)
 
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """Letterbox to RGB CHW float32 in [0, 1], what ONNX Runtime takes."""
+        batch, infos = preprocess_batch([image], self.input_size)
+        return Prepared(batch[0], infos[0])
+
     def detect_prepared(self, items: Sequence[Prepared]) -> list[Detections]:
         if self._session is None:
             raise DetectorError("detect_prepared() called before load()")
@@ -183,7 +188,7 @@ class OnnxDetector(Detector):
 
     def _run_prepared(self, items: Sequence[Prepared]) -> list[Detections]:
         batch = items[0].data[None] if len(items) == 1 else np.stack([p.data for p in items])
-        return self._run(batch, [p.info for p in items])
+        return self._run(batch, [_letterboxed(p) for p in items])
 
     def _run(self, batch: np.ndarray, infos: list[LetterboxInfo]) -> list[Detections]:
         session = self._pool.get()  # thread-safe: each call has a session of its own
@@ -196,6 +201,12 @@ class OnnxDetector(Detector):
         finally:
             self._pool.put(session)
         return postprocess(raw, infos, conf=self.conf, iou=self.iou, max_det=self.max_det)
+
+
+def _letterboxed(p: Prepared) -> LetterboxInfo:
+    if p.info is None:
+        raise DetectorError("frame was not prepared by this detector (no letterbox info)")
+    return p.info
 
 
 def detect_pipelined(detector: Detector, batches: Iterable[Sequence[Prepared]],

@@ -59,14 +59,9 @@ def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
         yield batch
 
 
-def _detected(detector: Detector, batches: Iterator[list[Frame]],
-              prepared: bool) -> Iterator[tuple[list[Frame], list[Detections]]]:
-    """Each batch with its detections, in order; with prepared frames, up to one batch per
-    detector session in flight (ONNX Runtime on a CPU runs several sessions side by side)."""
-    if not prepared:
-        for frames in batches:
-            yield frames, detector.detect([fr.image for fr in frames])
-        return
+def _detected(detector: Detector, batches: Iterator[list[Frame]]) -> Iterator[tuple[list[Frame], list[Detections]]]:
+    """Each batch with its detections, in order, up to one batch per detector session in flight
+    (ONNX Runtime on a CPU runs several sessions side by side)."""
     pairs: deque[list[Frame]] = deque()
 
     def items() -> Iterator[list[Prepared]]:
@@ -92,9 +87,8 @@ def replay(
     progress: bool = True,
 ) -> ReplayReport:
     """Run every frame of ``video`` through ``detector`` (loaded already)."""
-    prepared = type(detector).detect_prepared is not Detector.detect_prepared
     # letterbox in the decoder thread, beside the model rather than before it
-    source = VideoFileSource(video, transform=detector.prepare if prepared else None)
+    source = VideoFileSource(video, transform=detector.prepare)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = _tmp(out)
@@ -114,7 +108,7 @@ def replay(
     bar = tqdm(total=source.frame_count, unit="frame", desc=f"replay {Path(video).name}", disable=not progress)
     try:
         with tmp_out.open("w") as f:
-            for frames, results in _detected(detector, _batches(iter(source), batch), prepared):
+            for frames, results in _detected(detector, _batches(iter(source), batch)):
                 for fr, dets in zip(frames, results, strict=True):
                     record = {"frame": fr.index, "pts": round(fr.pts, 4),
                               "detections": dets.to_records(detector.classes)}

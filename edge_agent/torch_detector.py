@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.detector import Detector, DetectorError, Prepared
+from edge_agent.detector import Detector, DetectorError, Prepared, _letterboxed
 from models.bundle import Bundle
 from models.detections import Detections
 from models.processing import letterbox, postprocess
@@ -94,4 +94,5 @@ class TorchDetector(Detector):
             x = (x.half() if self._half else x.float()).div_(255.0).contiguous()
             out = self._model(x)
             raw = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu().numpy()
-        return postprocess(raw, [p.info for p in items], conf=self.conf, iou=self.iou, max_det=self.max_det)
+        return postprocess(raw, [_letterboxed(p) for p in items], conf=self.conf, iou=self.iou,
+                           max_det=self.max_det)

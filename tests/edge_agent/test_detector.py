@@ -54,3 +54,27 @@ def test_pipelined_results_come_back_in_input_order(workers: int, depth: int | N
     scores = [float(r[0].scores[0]) for r in detect_pipelined(det, batches, depth=depth)]
     assert scores == pytest.approx([i / 1000 for i in range(60)])
     assert det.peak == peak  # how many batches were in flight at once
+
+
+class RawOnly(Detector):
+    """A backend that implements only ``detect``: the base class's prepare/detect_prepared carry it."""
+
+    classes = ["scratch"]
+    input_size = (8, 8)
+    version = "0.0.0"
+
+    def load(self) -> None:
+        pass
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[Detections]:
+        return [Detections(np.array([[0, 0, f.shape[1], f.shape[0]]], np.float32), np.array([0.5], np.float32),
+                           np.zeros(1, np.int32)) for f in frames]
+
+
+def test_a_raw_only_backend_works_through_the_prepared_path() -> None:
+    det = RawOnly()
+    frames = [np.zeros((10, 20, 3), np.uint8), np.zeros((30, 40, 3), np.uint8)]
+    prepared = [det.prepare(f) for f in frames]
+    assert all(p.info is None and p.data is f for p, f in zip(prepared, frames, strict=True))
+    got = [d.boxes.tolist() for d in det.detect_prepared(prepared)]
+    assert got == [[[0.0, 0.0, 20.0, 10.0]], [[0.0, 0.0, 40.0, 30.0]]]
