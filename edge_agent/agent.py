@@ -118,9 +118,8 @@ class Agent:
         self.batcher = AdaptiveBatcher(self.detector, policy=policy, on_results=self._on_results)
         self._bind_metrics()
         self.uplink.start()
-        prepare_in_capture = type(self.detector).detect_prepared is not Detector.detect_prepared
         for src in self.sources:
-            if prepare_in_capture and hasattr(src, "transform"):
+            if hasattr(src, "transform"):
                 src.transform = self.detector.prepare  # letterbox in each camera's thread
             src.start()
             self.batcher.add_source(src)
@@ -158,16 +157,10 @@ class Agent:
                 self.uplink.wait_drained(drain_s)
             self.uplink.stop()
         self.metrics.close()
+        left = self.outbox.depth
         self.outbox.close()
         log.info("agent stopped: %d samples stored, %d left in the outbox for the next start",
-                 self.samples_stored, self.outbox_depth_at_stop)
-
-    @property
-    def outbox_depth_at_stop(self) -> int:
-        try:
-            return self.outbox.depth
-        except Exception:
-            return -1
+                 self.samples_stored, left)
 
     # ---- the frame path (batcher thread) ----------------------------------------------------
     def _on_results(self, results: list[Result]) -> None:
