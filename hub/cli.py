@@ -1,7 +1,8 @@
 """``lineguard-hub``: the hub's command line.
 
-The hub (MQTT ingest, review UI, retraining, rollout) is not built yet; until it is, this
-command says so and exits with status 2 rather than pretending to run.
+The hub's commands (serve, users, tokens) are not built yet: its database and MQTT ingest exist
+as a library (``hub.ingest.IngestWorker``), its UI and API do not. Until they do, this command
+says so and exits with status 2 rather than pretending to run.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     if args in (["--help"], ["-h"]):
         print("usage: lineguard-hub ... (the hub is not built yet)")
         return 0
-    print("lineguard-hub: the hub is not built yet; this release ships the model tools "
-          "(lineguard-model) and the edge agent's replay (lineguard-agent).", file=sys.stderr)
+    print("lineguard-hub: the hub is not built yet (its MQTT ingest exists as hub.ingest.IngestWorker; "
+          "no serve command, UI or API); this release ships lineguard-model and lineguard-agent.",
+          file=sys.stderr)
     return 2
 
 
