@@ -8,10 +8,11 @@ OUT ?= out/demo
 SAMPLE ?= sample_data/line_1080p.mp4
 BUNDLE ?= models/default
 
-.PHONY: demo test lint typecheck bench bench-accuracy bench-throughput bench-streams golden synth train bundle clean help
+.PHONY: demo replay test lint typecheck bench bench-accuracy bench-throughput bench-streams golden synth train bundle clean help
 
 help:
-	@echo "make demo   - install the edge agent (no torch) and replay the sample video through the default INT8 bundle"
+	@echo "make demo   - install agent + hub (no torch); start the hub and an agent replaying the sample video; Ctrl-C stops"
+	@echo "make replay - replay the sample video through the default INT8 bundle into results.jsonl and an annotated MP4"
 	@echo "make test   - install everything (train extra included) and run the full test suite"
 	@echo "make bench  - run the benchmarks under bench/ (see docs/benchmarks.md)"
 
@@ -23,12 +24,21 @@ $(VENV)/.edge: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[edge]"
 	@touch $@
 
+# The demo install: agent + hub (still no torch).
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[edge,hub]"
+	@touch $@ $(VENV)/.edge
+
 # Everything: edge + hub + train (torch, ultralytics) + dev tools.
 $(VENV)/.all: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[edge,hub,train,dev]"
-	@touch $@ $(VENV)/.edge
+	@touch $@ $(VENV)/.edge $(VENV)/.demo
 
-demo: $(VENV)/.edge
+# DEMO_ARGS: e.g. --seconds 30 (stop by itself), --http-port 8081
+demo: $(VENV)/.demo
+	$(BIN)/python deploy/demo.py $(DEMO_ARGS)
+
+replay: $(VENV)/.edge
 	$(BIN)/lineguard-agent replay $(SAMPLE) --bundle $(BUNDLE) --out $(OUT)/results.jsonl --video $(OUT)/annotated.mp4
 
 test: $(VENV)/.all

@@ -5,8 +5,9 @@ hub-side subscriber that decodes what it receives with the contract.
 127.0.0.1, anonymous access, persistence into a temporary directory) and can SIGKILL and
 restart it on the same port; the persistence file carries sessions and queued QoS 1 messages
 over a restart, up to the last save (``autosave_interval 1``, or :meth:`MosquittoBroker.save`).
-Without mosquitto the tests that use it skip and say why. A system broker may be listening on
-1883: the fixture never uses a fixed port.
+Without mosquitto, ``mosquitto_broker`` falls back to the hub's embedded broker (hub/broker.py, same
+``.port``) and warns; ``mosquitto_factory`` and the mosquitto-only ``kill``/``restart``/``save`` skip
+and say why. A system broker may be listening on 1883: the fixtures never use a fixed port.
 
 ``mqtt_collector(port, kinds=("samples",), client_id="hub-test", clean=False, username=None,
 password=None)`` connects a paho subscriber (persistent session unless ``clean``, QoS 1,
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,10 +150,36 @@ def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call
             broker.kill()
 
 
+class EmbeddedFallback:
+    """What ``mosquitto_broker`` yields without mosquitto: the hub's embedded broker, same ``.port``."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.port: int = broker.port
+
+    def _mosquitto_only(self, *args: Any, **kwargs: Any) -> None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); the embedded broker fallback "
+                    "cannot be killed and restarted with its state (no persistence)")
+
+    kill = restart = save = _mosquitto_only
+
+
 @pytest.fixture
-def mosquitto_broker(mosquitto_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
-    """A running Mosquitto on a free 127.0.0.1 port; killed at the end of the test."""
-    return mosquitto_factory()
+def mosquitto_broker(request: pytest.FixtureRequest,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker | EmbeddedFallback]:
+    """A running Mosquitto on a free 127.0.0.1 port; killed at the end of the test. Without mosquitto,
+    the hub's embedded broker, with a warning that says so."""
+    if MOSQUITTO is not None:
+        yield request.getfixturevalue("mosquitto_factory")()
+        return
+    from hub.broker import EmbeddedBroker
+
+    warnings.warn("mosquitto is not installed: mosquitto_broker falls back to the hub's embedded broker "
+                  "(hub/broker.py, rumqttd)", stacklevel=1)
+    with EmbeddedBroker(port=free_port(), workdir=tmp_path_factory.mktemp("embedded-broker")) as broker:
+        yield EmbeddedFallback(broker)
 
 
 class MqttCollector:

@@ -22,7 +22,7 @@ from lineguard_contract import MAX_PAYLOAD_BYTES
 from lineguard_contract.connection import BrokerSettings, describe_validation_error
 from lineguard_contract.topics import SEGMENT_PATTERN
 
-__all__ = ["ConfigError", "HubConfig", "HubMqttConfig", "build_config", "load_config"]
+__all__ = ["ConfigError", "HubConfig", "HubHttpConfig", "HubMqttConfig", "build_config", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -43,10 +43,23 @@ class HubMqttConfig(BrokerSettings):
 
 
 
+class HubHttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="0.0.0.0 to serve other machines (put TLS in front)")
+    port: int = Field(8080, ge=1, le=65535)
+    cookie_secure: bool = Field(False, description="mark session cookies Secure (set when served over HTTPS)")
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data_dir: Path = Path("var/hub")
+    production: bool = Field(False, description="refuse demo shortcuts: no demo user, admin from the environment")
+    http: HubHttpConfig = HubHttpConfig()
+    embedded_broker: bool | None = Field(
+        None, description="run the embedded MQTT broker on mqtt.url's port; default: when no mqtt section is given")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.sqlite3")
     mqtt: HubMqttConfig = HubMqttConfig()
     max_payload_bytes: int = Field(MAX_PAYLOAD_BYTES, ge=1024, le=MAX_PAYLOAD_BYTES,
@@ -63,9 +76,14 @@ class HubConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _default_db(self) -> HubConfig:
+    def _defaults(self) -> HubConfig:
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'hub.sqlite3'}"
+        if self.embedded_broker is None:
+            self.embedded_broker = "mqtt" not in self.model_fields_set
+        if self.production and self.embedded_broker:
+            raise ValueError("production: configure mqtt (Mosquitto or EMQX with TLS and ACLs); "
+                             "the embedded broker has no authentication")
         return self
 
     @property

@@ -35,10 +35,28 @@ def test_config_defaults(tmp_path: Path) -> None:
     ({"mqtt": {"pasword_env": "X"}}, "mqtt.pasword_env: unknown key"),
     ({"database_url": "not a url"}, "database_url: not a database URL"),
     ({"max_payload_bytes": 10}, "max_payload_bytes"),
+    ({"http": {"port": 0}}, "http.port"),
+    ({"http": {"cookie_secure": "maybe"}}, "http.cookie_secure"),
+    ({"production": True}, "embedded broker has no authentication"),
 ])
 def test_config_errors_name_the_key(data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_config(data)
+
+
+@pytest.mark.parametrize("data, embedded", [
+    ({}, True),  # nothing configured: the demo's embedded broker
+    ({"mqtt": {"url": "mqtt://b:1883"}}, False),
+    ({"mqtt": {"url": "mqtt://127.0.0.1:18830"}, "embedded_broker": True}, True),
+])
+def test_embedded_broker_only_when_no_broker_is_configured(data: dict[str, object], embedded: bool) -> None:
+    assert build_config(data).embedded_broker is embedded
+
+
+def test_the_deployed_hub_config_is_valid() -> None:
+    c = load_config(Path(__file__).resolve().parents[2] / "deploy" / "hub" / "hub.yaml")
+    assert c.production and not c.embedded_broker and c.mqtt.tls and c.http.cookie_secure
+    assert c.db_url.startswith("postgresql://")
 
 
 def test_load_config_reads_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,9 +4,11 @@ always, PostgreSQL too when TEST_DATABASE_URL is set (tests/hub/conftest.py)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +21,8 @@ from hub.blobs import FileBlobStore, sha256_hex
 from hub.core.config import HubConfig
 from hub.core.db import make_engine, upgrade
 from hub.ingest import IngestWorker, shared_filter
-from hub.tables import Base, DeadLetter, Detection, Sample, Station
+from hub.pipeline import IngestError, Outcome
+from hub.tables import Agent, Base, DeadLetter, Detection, Sample, Station
 from lineguard_contract import SamplePayload, StationId, Topics, encode
 
 TOPICS = Topics()
@@ -197,10 +200,10 @@ def test_a_message_is_acknowledged_only_after_commit(
     config = hub_config(mosquitto_broker.port)
     first = workers(config, "hub-w1")
 
-    def database_down(topic: str, payload: bytes) -> Any:
-        raise RuntimeError("database down")
+    def database_down(messages: Any) -> Any:
+        raise IngestError([])
 
-    monkeypatch.setattr(first.pipeline, "handle", database_down)
+    monkeypatch.setattr(first.pipeline, "handle_batch", database_down)
     p = sample_factory()
     publisher(mosquitto_broker.port).publish(SAMPLES_TOPIC, encode(p))
     wait_until(lambda: first.counters()["errors"] == 1, 10, "the failed ingest")
@@ -208,6 +211,123 @@ def test_a_message_is_acknowledged_only_after_commit(
     second = workers(config, "hub-w1")  # same client id: the same persistent session
     wait_until(lambda: second.counters()["stored"] == 1, 10, "the redelivered sample")
     assert query(config, lambda s: s.scalars(select(Sample.sample_id)).all()) == [p.sample_id]
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, bool]]:
+    """``(port, embedded)``: Debian's Mosquitto, or the hub's embedded broker (rumqttd)."""
+    if request.param == "mosquitto":
+        yield request.getfixturevalue("mosquitto_broker").port, False
+        return
+    from hub.broker import EmbeddedBroker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with EmbeddedBroker(port=port, workdir=tmp_path / "broker") as broker:
+        yield port, True
+        assert broker.running, f"the embedded broker died:\n{broker.log_path and broker.log_path.read_text()[-2000:]}"
+
+
+def test_after_a_database_failure_the_worker_reconnects_and_the_broker_resends(
+        any_broker: tuple[int, bool], hub_config: Callable[..., HubConfig], publisher: Any,
+        sample_factory: Callable[..., SamplePayload]) -> None:
+    """No restart needed: MQTT 3.1.1 resends unacknowledged messages only on a reconnect, which
+    the worker makes itself after a failed batch (here the first two batches fail). With the
+    embedded broker the worker does not use $share (its router panics on this path)."""
+    port, embedded = any_broker
+    config = hub_config(port, embedded_broker=embedded)
+    worker = IngestWorker(config, client_id="hub-w1", retry_s=0.2)
+    real = worker.pipeline.handle_batch
+    failures = [2]
+
+    def flaky(messages: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise IngestError([])
+        return real(messages)
+
+    worker.pipeline.handle_batch = flaky  # type: ignore[method-assign]
+    worker.start()
+    try:
+        assert worker.wait_subscribed(10)
+        pub = publisher(port)
+        sent = [sample_factory(seed=i) for i in range(5)]
+        for p in sent:
+            pub.publish(SAMPLES_TOPIC, encode(p))
+        wait_until(lambda: worker.counters()["stored"] == len(sent), 20, "the resent samples")
+        assert failures == [0] and worker.counters()["errors"] >= 2 and worker.counters()["duplicate"] == 0
+        assert sorted(query(config, lambda s: s.scalars(select(Sample.sample_id)).all())) == sorted(
+            p.sample_id for p in sent)
+    finally:
+        worker.stop()
+
+
+class FakeClient:
+    """Stands in for paho: records acks and reconnects, in order with the pipeline's commits."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.events.append(("ack", mid))
+
+    def disconnect(self) -> None:
+        self.events.append("disconnect")
+
+    def loop_stop(self) -> None:
+        pass
+
+    def connect_async(self, *args: Any) -> None:
+        self.events.append("connect")
+
+    def loop_start(self) -> None:
+        pass
+
+
+class FakeMessage:
+    def __init__(self, mid: int, topic: str = SAMPLES_TOPIC, payload: bytes = b"{}", qos: int = 1) -> None:
+        self.mid, self.topic, self.payload, self.qos = mid, topic, payload, qos
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_batch_is_acknowledged_after_its_commit_in_arrival_order(
+        hub_config: Callable[..., HubConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = IngestWorker(hub_config(1883), batch_max=3, batch_ms=50)
+    events: list[Any] = []
+    worker._client = FakeClient(events)  # type: ignore[assignment]
+    committed: list[list[int]] = []
+
+    def handle_batch(messages: list[tuple[str, bytes]]) -> list[Outcome]:
+        events.append("commit")
+        committed.append([int(p) for _, p in messages])
+        if b"13" in [p for _, p in messages]:
+            raise IngestError([Outcome.STORED])  # the first of this batch committed, then the database failed
+        return [Outcome.STORED] * len(messages)
+
+    monkeypatch.setattr(worker.pipeline, "handle_batch", handle_batch)
+    worker._connection = 1
+    for mid in (11, 7, 3, 9):  # mids as the broker numbers them: acknowledged as they came, not sorted
+        worker._on_message(worker._client, None, FakeMessage(mid, payload=str(mid).encode()))  # type: ignore
+    assert worker._ingest(worker._next_batch())  # three at most per batch
+    assert worker._ingest(worker._next_batch())
+    assert committed == [[11, 7, 3], [9]]
+    assert events == ["commit", ("ack", 11), ("ack", 7), ("ack", 3), "commit", ("ack", 9)]
+
+    events.clear()
+    for mid in (12, 13, 14):
+        worker._on_message(worker._client, None, FakeMessage(mid, payload=str(mid).encode()))  # type: ignore
+    assert not worker._ingest(worker._next_batch())
+    assert events == ["commit", ("ack", 12)] and worker.counters()["errors"] == 2  # 13 and 14 wait for a resend
+
+    events.clear()
+    worker._on_message(worker._client, None, FakeMessage(15, payload=b"15"))  # type: ignore[arg-type]
+    worker._connection = 2  # the connection it came on is gone: the broker resends it on the new one
+    assert worker._ingest(worker._next_batch())
+    assert events == ["commit"]
+    worker._reconnect()
+    assert events == ["commit", "disconnect", "connect"]
+    worker.engine.dispose()
 
 
 def test_status_and_heartbeat_are_validated_and_kept(
@@ -218,12 +338,18 @@ def test_status_and_heartbeat_are_validated_and_kept(
     pub = publisher(mosquitto_broker.port)
     status = StatusPayload(agent_id="agent-st03", state="online", model_version="1.2.0", ts=1767225600.0)
     pub.client.publish(TOPICS.station(STATION, "status"), encode(status), qos=1, retain=True).wait_for_publish(10)
-    worker = workers(hub_config(mosquitto_broker.port))  # subscribes after: gets the retained status
-    hb = HeartbeatPayload(agent_id="agent-st03", ts=1767225610.0, model_version="1.2.0", uptime_s=10.0, fps=30.0,
-                          dropped_frames=0, batch_size=4, latency_p50_ms=20.0, latency_p99_ms=40.0,
-                          outbox_depth=0, outbox_bytes=0, evicted=0)
+    config = hub_config(mosquitto_broker.port)
+    worker = workers(config)  # subscribes after: gets the retained status
+    hb = HeartbeatPayload(agent_id="agent-st03", ts=1767225610.0, model_version="1.2.1", uptime_s=10.0, fps=30.0,
+                          dropped_frames=3, batch_size=4, latency_p50_ms=20.0, latency_p99_ms=40.0,
+                          outbox_depth=7, outbox_bytes=0, evicted=0)
+    wait_until(lambda: worker.counters()["status"] == 1, 10, "the retained status")
     pub.publish(TOPICS.station(STATION, "heartbeat"), encode(hb), qos=0)
-    wait_until(lambda: worker.counters()["heartbeat"] == 1 and worker.counters()["status"] == 1, 10,
-               "status and heartbeat")
-    assert worker.pipeline.last_status[STATION] == status
-    assert worker.pipeline.last_heartbeat[STATION] == hb
+    wait_until(lambda: worker.counters()["heartbeat"] == 1, 10, "the heartbeat")
+    a, st = query(config, lambda s: s.execute(select(Agent, Station).join(Station, Agent.station_id == Station.id))
+                  .one())
+    assert (st.site, st.line, st.station, a.agent_id) == (STATION.site, STATION.line, STATION.station, "agent-st03")
+    assert (a.state, a.model_version, a.fps, a.latency_p99_ms, a.dropped_frames, a.outbox_depth, a.uptime_s) == (
+        "online", "1.2.1", 30.0, 40.0, 3, 7, 10.0)
+    assert (as_utc(a.status_ts).timestamp(), as_utc(a.heartbeat_ts).timestamp(), as_utc(a.last_seen).timestamp()) == (
+        status.ts, hb.ts, hb.ts)

@@ -1,5 +1,6 @@
 """Property-based: whatever arrives on whatever topic, ingest answers with an outcome and never
-raises; anything that is not a valid message of its topic becomes exactly one dead letter."""
+raises; anything that is not a valid message of its topic becomes exactly one dead letter, alone
+or inside a batch."""
 
 from __future__ import annotations
 
@@ -65,3 +66,16 @@ def test_any_message_gets_an_outcome_and_garbage_one_dead_letter(
     assert isinstance(outcome, Outcome)
     assert _dead_letters(engine) - before == (1 if outcome is Outcome.DEAD_LETTER else 0)
     assert outcome not in (Outcome.STORED, Outcome.DUPLICATE)  # random data never passes as a sample
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=st.lists(st.tuples(topics, payloads), max_size=12))
+def test_a_batch_gets_one_outcome_per_message_and_garbage_one_dead_letter_each(
+    pipe: tuple[IngestPipeline, Engine], messages: list[tuple[str, bytes]]
+) -> None:
+    ingest, engine = pipe
+    before = _dead_letters(engine)
+    outcomes = ingest.handle_batch(messages)
+    assert len(outcomes) == len(messages) and all(isinstance(o, Outcome) for o in outcomes)
+    assert _dead_letters(engine) - before == outcomes.count(Outcome.DEAD_LETTER)
+    assert not {Outcome.STORED, Outcome.DUPLICATE} & set(outcomes)

@@ -1,0 +1,1 @@
+"""The server-rendered UI for QA staff (Jinja2 templates, a little plain JavaScript, no build step)."""
