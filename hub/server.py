@@ -113,7 +113,8 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
         if not worker.wait_subscribed(15):
             log.warning("ingest worker not subscribed yet (broker %s unreachable?); it keeps retrying",
                         config.mqtt.url)
-        app = create_app(HubContext(config, sessions, blobs, ingest_counters=worker.counters))
+        web_sessions = make_session_factory(engine, immediate=True)  # requests read, then write (SQLite)
+        app = create_app(HubContext(config, web_sessions, blobs, ingest_counters=worker.counters))
         url = f"http://{config.http.host}:{config.http.port}/"
         print(f"LineGuard hub: {url}  (MQTT {config.mqtt.url}{', embedded broker' if broker else ''}; "
               f"database {engine.url.render_as_string(hide_password=True)})", flush=True)

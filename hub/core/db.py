@@ -24,6 +24,7 @@ __all__ = ["MIGRATIONS_DIR", "make_engine", "make_session_factory", "normalize_u
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+IMMEDIATE = "lineguard_sqlite_immediate"
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -61,10 +62,17 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(IMMEDIATE) else "BEGIN")
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+def make_session_factory(engine: Engine, *, immediate: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``engine``. ``immediate``: on SQLite every transaction starts with ``BEGIN
+    IMMEDIATE`` (takes the write lock first, waiting up to the busy timeout). Needed where a
+    transaction reads and then writes while other processes write: a deferred SQLite transaction
+    that read an older snapshot cannot upgrade to a writer and fails at once with "database is
+    locked", whatever the busy timeout. The web app uses it; PostgreSQL ignores it."""
+    if immediate and engine.dialect.name == "sqlite":
+        return sessionmaker(engine.execution_options(**{IMMEDIATE: True}), expire_on_commit=False)
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -124,8 +124,13 @@ def test_serve_runs_broker_ingest_and_ui_and_stops_on_sigint(tmp_path: Path, pub
             time.sleep(0.2)
         assert [i["sample_id"] for i in items] == [sample.sample_id]
         assert b"lineguard_hub_ingest_messages_total{outcome=\"stored\"} 1.0" in opener.open(f"{base}/metrics").read()
-    finally:
+    except Exception as e:
         proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        raise AssertionError(f"{e!r}; the hub printed:\n{''.join(lines)}{out}") from e
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         try:
             out, _ = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -128,5 +129,43 @@ def test_pipeline_never_raises_on_bad_input(db_url: str, tmp_path: Path) -> None
             assert pipe.handle(topic, payload) is Outcome.DEAD_LETTER
         assert pipe.handle("lineguard/v1/a/b/c/results", b"{}") is Outcome.DEAD_LETTER
         assert pipe.counters()["dead_letter"] == 7
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("immediate,fails", [(False, True), (True, False)])
+def test_sqlite_read_then_write_beside_another_writer(tmp_path: Path, immediate: bool, fails: bool) -> None:
+    """Why the web app's sessions are ``immediate``: a deferred SQLite transaction that has read,
+    and then sees another connection commit, cannot write ("database is locked", at once)."""
+    from sqlalchemy.exc import OperationalError
+
+    from hub.tables import DefectClass
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite3'}")
+    upgrade(engine)
+    other = make_session_factory(engine)
+    web = make_session_factory(engine, immediate=immediate)
+    stamp = datetime.now(UTC)
+    try:
+        with web() as s:
+            s.scalar(select(func.count()).select_from(DefectClass))  # the request reads first
+            def ingest() -> None:
+                with other.begin() as o:
+                    o.add(DefectClass(name="from-ingest", created_at=stamp, created_by="ingest"))
+
+            writer = threading.Thread(target=ingest)
+            writer.start()
+            writer.join(0.5)  # deferred: it commits now; immediate: it waits for our write lock
+            assert writer.is_alive() is immediate
+            s.add(DefectClass(name="from-request", created_at=stamp, created_by="web"))
+            if fails:
+                with pytest.raises(OperationalError, match="locked"):
+                    s.commit()
+            else:
+                s.commit()
+            writer.join(10)
+        with other() as o:
+            names = set(o.scalars(select(DefectClass.name)))
+        assert names == ({"from-ingest"} if fails else {"from-ingest", "from-request"})
     finally:
         engine.dispose()
