@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lineguard_contract.connection import BrokerSettings, describe_validation_error
+from lineguard_contract.connection import BrokerSettings, describe_validation_error, read_yaml_mapping
 
 __all__ = [
     "AgentConfig", "BatchingConfig", "CameraConfig", "ConfigError", "IdentityConfig", "MetricsConfig",
@@ -147,16 +146,9 @@ def load_config(path: Path | str | None, overrides: dict[str, Any] | None = None
     origin = str(path) if path is not None else "command line"
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+            data = read_yaml_mapping(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 SESSION_TTL = timedelta(hours=12)
+LAST_USED_EVERY = timedelta(minutes=1)  # resolution of api_tokens.last_used_at
 _DUMMY_HASH = hash_password("not-a-real-password-0")  # equalizes login timing for unknown users
 
 
@@ -158,7 +159,9 @@ def resolve_token(s: Session, secret: str) -> Principal | None:
     tok, user = row
     if tok.revoked_at is not None or not user.active:
         return None
-    tok.last_used_at = _now()
+    now = _now()
+    if tok.last_used_at is None or now - _as_utc(tok.last_used_at) > LAST_USED_EVERY:
+        tok.last_used_at = now  # not on every request: a script's calls would all become writes
     return Principal(user.id, user.username, user.role, "token")
 
 

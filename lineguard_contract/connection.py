@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["BrokerSettings", "describe_validation_error"]
+__all__ = ["BrokerSettings", "describe_validation_error", "read_yaml_mapping"]
 
 
 class BrokerSettings(BaseModel):
@@ -64,3 +65,22 @@ def describe_validation_error(e: ValidationError) -> str:
         msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+def read_yaml_mapping(path: Path | str) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (an empty file is ``{}``). ValueError, naming the
+    file and what is wrong with it, otherwise; both processes' config loaders wrap it in their
+    ``ConfigError``."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded

@@ -66,7 +66,8 @@ def optional_principal(request: Request, db: Db) -> Principal | None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "use 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
         p = resolve_token(db, secret.strip())
-        db.commit()  # last_used_at
+        if db.dirty:
+            db.commit()  # last_used_at, at most once a minute per token
         if p is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked token",
                                 headers={"WWW-Authenticate": "Bearer"})

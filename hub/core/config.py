@@ -13,13 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from lineguard_contract import MAX_PAYLOAD_BYTES
-from lineguard_contract.connection import BrokerSettings, describe_validation_error
+from lineguard_contract.connection import BrokerSettings, describe_validation_error, read_yaml_mapping
 from lineguard_contract.topics import SEGMENT_PATTERN
 
 __all__ = ["ConfigError", "HubConfig", "HubHttpConfig", "HubMqttConfig", "build_config", "load_config"]
@@ -106,15 +105,8 @@ def build_config(data: Mapping[str, Any] | None = None, origin: str = "hub confi
 
 def load_config(path: Path | str) -> HubConfig:
     """Read a YAML file and validate it with :func:`build_config`."""
-    path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        loaded = read_yaml_mapping(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return build_config(loaded, origin=str(path))

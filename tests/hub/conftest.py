@@ -8,6 +8,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,42 @@ def publisher() -> Iterator[Callable[[int], Publisher]]:
 def sample_factory() -> Callable[..., SamplePayload]:
     """``make(seed=0, station=STATION, n_dets=1, **fields) -> SamplePayload`` with a real JPEG."""
     return make_sample
+
+
+@dataclass
+class HubStore:
+    """A migrated hub database and blob store, filled through the real ingest pipeline."""
+
+    config: HubConfig
+    sessions: Any
+    blobs: Any
+
+    def ingest(self, payloads: list[SamplePayload]) -> list[SamplePayload]:
+        from hub.pipeline import IngestPipeline
+        from lineguard_contract import Topics, encode
+
+        pipeline, topics = IngestPipeline(self.sessions, self.blobs), Topics()
+        for p in payloads:
+            pipeline.handle(topics.station(p.station_id, "samples"), encode(p))
+        return payloads
+
+    def add_users(self, password: str, **roles: str) -> None:
+        from hub.accounts import create_user
+
+        with self.sessions.begin() as s:
+            for name, role in roles.items():
+                create_user(s, name, password, role)
+
+
+@pytest.fixture
+def hub_store(db_url: str, tmp_path: Path) -> Iterator[HubStore]:
+    """A :class:`HubStore` on ``db_url`` (SQLite, and PostgreSQL with TEST_DATABASE_URL)."""
+    from hub.blobs import FileBlobStore
+    from hub.core.db import make_session_factory, upgrade
+
+    config = build_config({"data_dir": str(tmp_path / "hub"), "database_url": db_url,
+                           "mqtt": {"url": "mqtt://127.0.0.1:1"}})
+    engine = make_engine(config.db_url)
+    upgrade(engine)
+    yield HubStore(config, make_session_factory(engine), FileBlobStore(config.blob_dir, fsync=False))
+    engine.dispose()

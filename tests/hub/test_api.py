@@ -10,23 +10,17 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from hub.accounts import create_token, create_user
+from hub.accounts import create_token
 from hub.api import HubContext, create_app
-from hub.blobs import FileBlobStore
-from hub.core.config import build_config
-from hub.core.db import make_engine, make_session_factory, upgrade
-from hub.pipeline import IngestPipeline
 from hub.tables import Agent, Station
-from lineguard_contract import SamplePayload, StationId, Topics, encode
+from lineguard_contract import SamplePayload, StationId
 
 PASSWORD = "correct horse battery"
-TOPICS = Topics()
 OTHER = StationId("plant1", "lineB", "st01")
 
 
@@ -53,27 +47,18 @@ class Hub:
 
 
 @pytest.fixture
-def hub(db_url: str, tmp_path: Path, sample_factory: Callable[..., SamplePayload]) -> Iterator[Hub]:
-    config = build_config({"data_dir": str(tmp_path / "hub"), "database_url": db_url,
-                           "mqtt": {"url": "mqtt://127.0.0.1:1"}})
-    engine = make_engine(config.db_url)
-    upgrade(engine)
-    sessions = make_session_factory(engine)
-    blobs = FileBlobStore(config.blob_dir, fsync=False)
-    pipeline = IngestPipeline(sessions, blobs)
+def hub(hub_store: Any, sample_factory: Callable[..., SamplePayload]) -> Iterator[Hub]:
     samples = [sample_factory(seed=i, n_dets=1 + i % 2) for i in range(6)]
     samples.append(sample_factory(seed=50, station=OTHER, n_dets=0))
-    for p in samples:
-        pipeline.handle(TOPICS.station(p.station_id, "samples"), encode(p))
+    hub_store.ingest(samples)
+    hub_store.add_users(PASSWORD, vera="viewer", rita="reviewer", ada="admin")
+    sessions = hub_store.sessions
     with sessions.begin() as s:
-        for name, role in (("vera", "viewer"), ("rita", "reviewer"), ("ada", "admin")):
-            create_user(s, name, PASSWORD, role)
         st = s.query(Station).filter_by(line="lineA").one()
         s.add(Agent(station_id=st.id, agent_id="agent-st03", state="online", model_version="1.2.0",
                     last_seen=datetime.now(UTC), fps=29.5, outbox_depth=3))
-    ctx = HubContext(config, sessions, blobs)
+    ctx = HubContext(hub_store.config, sessions, hub_store.blobs)
     yield Hub(ctx, TestClient(create_app(ctx)), samples)
-    engine.dispose()
 
 
 @pytest.mark.parametrize("method,path", [

@@ -18,14 +18,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from hub.accounts import create_user
 from hub.api import HubContext, create_app
-from hub.blobs import FileBlobStore
-from hub.core.config import build_config
-from hub.core.db import make_engine, make_session_factory, upgrade
-from hub.pipeline import IngestPipeline
 from hub.tables import Review, Sample
-from lineguard_contract import Detection, SamplePayload, Topics, encode
+from lineguard_contract import Detection, SamplePayload
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("LINEGUARD_TEST_ARTIFACTS",
@@ -56,30 +51,20 @@ class LiveHub:
 
 
 @pytest.fixture
-def live_hub(db_url: str, tmp_path: Path, sample_factory: Callable[..., SamplePayload]) -> Iterator[LiveHub]:
+def live_hub(hub_store: Any, sample_factory: Callable[..., SamplePayload]) -> Iterator[LiveHub]:
     import uvicorn
 
-    config = build_config({"data_dir": str(tmp_path / "hub"), "database_url": db_url,
-                           "mqtt": {"url": "mqtt://127.0.0.1:1"}})
-    engine = make_engine(config.db_url)
-    upgrade(engine)
-    sessions = make_session_factory(engine)
-    blobs = FileBlobStore(config.blob_dir, fsync=False)
-    pipeline = IngestPipeline(sessions, blobs)
     box = [195.0, 140.0, 305.0, 200.0]
-    samples = [sample_factory(seed=i, width=640, height=360, image=frame_jpeg(i),
-                              detections=[Detection(cls="scratch", score=0.8 - i / 10, box=box)])
-               for i in range(3)]
-    for p in samples:
-        pipeline.handle(Topics().station(p.station_id, "samples"), encode(p))
-    with sessions.begin() as s:
-        create_user(s, "rita", PASSWORD, "reviewer")
-        create_user(s, "vera", PASSWORD, "viewer")
+    samples = hub_store.ingest([sample_factory(seed=i, width=640, height=360, image=frame_jpeg(i),
+                                               detections=[Detection(cls="scratch", score=0.8 - i / 10, box=box)])
+                                for i in range(3)])
+    hub_store.add_users(PASSWORD, rita="reviewer", vera="viewer")
+    sessions = hub_store.sessions
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(HubContext(config, sessions, blobs)), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="off"))
+    app = create_app(HubContext(hub_store.config, sessions, hub_store.blobs))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -89,7 +74,6 @@ def live_hub(db_url: str, tmp_path: Path, sample_factory: Callable[..., SamplePa
     yield LiveHub(f"http://127.0.0.1:{port}", sessions, samples)
     server.should_exit = True
     thread.join(10)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def create_class(body: ClassIn, db: Db, who: Annotated[Principal, Depends(requir
         db.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     db.commit()
-    return known_classes(db, fresh=True)
+    return known_classes(db)  # add_class refreshed the cache
 
 
 @router.get("/dead-letters")
