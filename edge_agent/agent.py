@@ -77,20 +77,14 @@ class Agent:
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.detector = detector or create_detector(
-            str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,
-            providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
-            # Live frames want latency: one session with every core finishes a frame soonest
-            # (57 ms here against 92 ms for a 1-thread session); more sessions only pay once the
-            # batcher runs batches of several cameras (model.workers).
-            workers=cfg.model.workers or 1)
+        ident = cfg.identity
+        self.station = StationId(ident.site, ident.line, ident.station)
+        self.transport = transport or build_transport(cfg)
+        self.detector = detector or self._make_detector(cfg)
         self.sources = sources if sources is not None else [
             open_source(c.source, c.id, loop=c.loop, realtime=c.realtime) for c in cfg.cameras]
         self.metrics = AgentMetrics()
-        ident = cfg.identity
-        self.station = StationId(ident.site, ident.line, ident.station)
         self.outbox = SampleOutbox(cfg.outbox.path, quota_bytes=int(cfg.outbox.quota_mb * 1024 * 1024))
-        self.transport = transport or build_transport(cfg)
         self.uplink: Uplink | None = None
         self.batcher: AdaptiveBatcher | None = None
         self.policy: SamplePolicy | None = None
@@ -101,6 +95,28 @@ class Agent:
         self.samples_queued = 0
         self.samples_stored = 0
         self.sample_errors = 0
+
+    def _make_detector(self, cfg: AgentConfig) -> Detector:
+        def local() -> Detector:
+            return create_detector(
+                str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,
+                providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
+                # Live frames want latency: one session with every core finishes a frame soonest
+                # (57 ms here against 92 ms for a 1-thread session); more sessions only pay once the
+                # batcher runs batches of several cameras (model.workers).
+                workers=cfg.model.workers or 1)
+
+        sp = cfg.split
+        if sp.mode == "full":
+            return local()
+        from edge_agent.split_detector import SplitDetector
+        from models.bundle import load_bundle
+
+        bundle = load_bundle(cfg.model.bundle, roles=("split_edge_int8",))
+        return SplitDetector(bundle, self.transport, self.station, cfg.identity.client_id, mode=sp.mode,
+                             fallback=local() if sp.mode == "auto" else None, deadline_ms=sp.deadline_ms,
+                             fallback_after=sp.fallback_after, probe_interval_s=sp.probe_interval_s,
+                             threads=cfg.model.threads, conf=cfg.model.conf)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,6 +187,9 @@ class Agent:
             cam = r.frame.camera_id
             m.frames_processed.labels(cam).inc()
             m.latency.observe(r.latency_s)
+            if r.detections.undecided:  # split mode, no hub answer and no local model: nothing to say
+                m.frames_undecided.labels(cam).inc()
+                continue
             if self.cfg.mqtt.publish_results:
                 dets = [Detection(**d) for d in r.detections.to_records(classes)]
                 self.uplink.send_result(ResultPayload(camera=cam, frame=r.frame.index, pts=r.frame.pts,
@@ -227,6 +246,15 @@ class Agent:
         m.bind(m.outbox_evicted, lambda: float(up.counters().evicted))
         m.bind(m.bytes_sent, lambda: float(up.counters().bytes_acked))
         m.bind(m.mqtt_connected, lambda: 1.0 if up.counters().connected else 0.0)
+        stats = getattr(self.detector, "stats", None)
+        if self.cfg.split.mode != "full" and callable(stats):
+            def reader(key: str) -> Callable[[], float]:
+                return lambda: float(stats().get(key, 0))
+
+            for key in ("split_frames", "fallback_frames", "undecided_frames", "local_frames", "refused",
+                        "bytes_sent", "messages_sent", "late_results", "switches_to_local", "switches_to_split"):
+                m.split.labels(key).set_function(reader(key))
+            m.bind(m.split_local, lambda: 1.0 if stats().get("state") == "local" else 0.0)
         m.bind(m.batch_size, lambda: float(bt.batch_size))
         m.bind(m.fps, lambda: float(bt.stats().fps))
         m.bind(m.queue_depth, lambda: float(bt.stats().queue_depth))

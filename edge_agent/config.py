@@ -112,11 +112,23 @@ class MetricsConfig(_Strict):
     port: int = Field(9108, ge=0, le=65535, description="Prometheus /metrics; 0 disables it")
 
 
+class SplitConfig(_Strict):
+    """Split inference (issue 5): the bundle's edge part here, the head at the hub's head service."""
+
+    mode: Literal["full", "split", "auto"] = Field(
+        "full", description="full: the whole model here; split: edge part only, frames without a hub answer "
+        "are undecided; auto: split, falling back on the local full model when the hub does not answer")
+    deadline_ms: float = Field(250.0, gt=0, le=10_000, description="wait this long for the hub's answer")
+    fallback_after: int = Field(3, ge=1, description="auto: batches in a row with a miss before running locally")
+    probe_interval_s: float = Field(2.0, gt=0, description="auto, while local: ask the hub this often")
+
+
 class AgentConfig(_Strict):
     identity: IdentityConfig = IdentityConfig()
     cameras: list[CameraConfig] = Field(min_length=1)
     model: ModelConfig = ModelConfig()
     batching: BatchingConfig = BatchingConfig()
+    split: SplitConfig = SplitConfig()
     sampling: SamplingConfig = SamplingConfig()
     mqtt: MqttConfig = MqttConfig()
     outbox: OutboxConfig = OutboxConfig()

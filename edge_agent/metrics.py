@@ -42,6 +42,12 @@ class AgentMetrics:
         self.samples = Counter("lineguard_samples", "Samples selected", ["camera", "reason"], registry=r)
         self.camera_up = Gauge("lineguard_camera_up", "1 when the camera delivers frames", ["camera"], registry=r)
         self.mqtt_connected = Gauge("lineguard_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.frames_undecided = Counter("lineguard_frames_undecided", "Split mode: frames with no result at all",
+                                        ["camera"], registry=r)
+        self.split = Gauge("lineguard_split", "Split mode counters since start (frames answered by the hub, "
+                           "fallback/undecided frames, refusals, bytes sent, mode switches)", ["counter"], registry=r)
+        self.split_local = Gauge("lineguard_split_local", "Split mode auto: 1 while running the local model",
+                                 registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

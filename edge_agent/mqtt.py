@@ -30,7 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.transport import Message, Transport, TransportError
+from edge_agent.transport import Handler, Message, Transport, TransportError
 
 __all__ = ["MqttConfig", "TlsOptions", "MqttTransport"]
 
@@ -105,6 +105,8 @@ class MqttTransport(Transport):
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._handlers: dict[str, Handler] = {}
         self._started = False
 
     def set_will(self, message: Message) -> None:
@@ -146,7 +148,20 @@ class MqttTransport(Transport):
             return int(info.mid)  # a QoS 1 message with no connection is queued and sent on reconnect
         raise TransportError(f"publish to {message.topic} not accepted: {paho.error_string(rc)}")
 
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        self._handlers[topic_filter] = handler
+        if self._client.is_connected():
+            self._client.subscribe(topic_filter, qos=0)
+
     # -- paho callbacks (network thread) -------------------------------------------------------
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        for topic_filter, handler in list(self._handlers.items()):
+            if paho.topic_matches_sub(topic_filter, msg.topic):
+                try:
+                    handler(msg.topic, bytes(msg.payload))
+                except Exception:  # never end paho's network thread
+                    log.exception("mqtt: handler for %s failed", topic_filter)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -155,6 +170,8 @@ class MqttTransport(Transport):
             return
         present = bool(getattr(flags, "session_present", False))
         log.info("mqtt: connected to %s:%d (session present: %s)", self.config.host, self.config.port, present)
+        for topic_filter in list(self._handlers):  # every connect: a clean or lost session forgets them
+            client.subscribe(topic_filter, qos=0)
         self.listener.on_connected(present)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:

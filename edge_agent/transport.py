@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Message", "Transport", "TransportError", "TransportListener", "MemoryTransport"]
+__all__ = ["Handler", "Message", "Transport", "TransportError", "TransportListener", "MemoryTransport"]
+
+
+Handler = Callable[[str, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,11 @@ class Transport(ABC):
     def publish(self, message: Message) -> int:
         """Queue ``message``; returns its mid. Raises TransportError when it is not accepted."""
 
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Deliver messages on ``topic_filter`` (QoS 0) to ``handler(topic, payload)``, from the network
+        thread, across reconnects. The handler must return quickly and never raise."""
+        raise NotImplementedError(f"{type(self).__name__} cannot subscribe")
+
 
 class MemoryTransport(Transport):
     """An in-process transport: records what is published; the test decides when it is acked.
@@ -100,6 +109,14 @@ class MemoryTransport(Transport):
         self._connected = False
         self._mid = 0
         self._lock = threading.Lock()
+        self.handlers: dict[str, Handler] = {}
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        self.handlers[topic_filter] = handler
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        """Hand ``payload`` to the handler subscribed to exactly ``topic`` (tests)."""
+        self.handlers[topic](topic, payload)
 
     def set_will(self, message: Message) -> None:
         self.will = message

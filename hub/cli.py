@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mqtt-port", type=int, help="port of the embedded broker (default 1883)")
     s.add_argument("--broker", help="mqtt://host:port or mqtts://host:port of an external broker")
 
+    h = sub.add_parser("heads", parents=[common], help="run only the split head service (scale out: one per core "
+                                                      "group or machine; needs a heads section and an external broker)")
+    h.add_argument("--broker", help="mqtt://host:port or mqtts://host:port of the broker")
+    h.add_argument("--client-id", help="MQTT client id (default <group>-<host>-<pid>)")
+
     u = sub.add_parser("user", help="accounts").add_subparsers(dest="user_cmd", required=True)
     ua = u.add_parser("add", parents=[common], help="create a user")
     ua.add_argument("name")
@@ -104,6 +109,20 @@ def _with_db(config: HubConfig, fn: Callable[..., int]) -> int:
         engine.dispose()
 
 
+def _run_until_signal(worker: Any) -> int:
+    """Block until SIGINT/SIGTERM, then stop ``worker``; exit 0."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("LineGuard head service running; Ctrl-C stops it", flush=True)
+    stop.wait()
+    worker.stop()
+    return 0
+
+
 def _run(args: argparse.Namespace, config: HubConfig) -> int:
     from hub.accounts import AccountError, create_token, create_user, set_password
 
@@ -111,6 +130,13 @@ def _run(args: argparse.Namespace, config: HubConfig) -> int:
         from hub.server import serve
 
         return serve(config, log_level="debug" if args.verbose else "info")
+    if args.cmd == "heads":
+        if config.heads is None:
+            print("lineguard-hub: heads: the config has no heads section (bundles to serve)", file=sys.stderr)
+            return 2
+        from hub.server import start_heads
+
+        return _run_until_signal(start_heads(config, client_id=args.client_id))
     if args.cmd == "migrate":
         return _with_db(config, lambda s: 0)
     if args.cmd == "user":

@@ -1,4 +1,4 @@
-"""The MQTT ingest worker: the only module of the hub that imports paho.
+"""The MQTT ingest worker (its paho client comes from :mod:`hub.mqtt`).
 
 - MQTT 3.1.1, persistent session (``clean_session=False``) under a client id that must be
   stable per worker and distinct between workers (``mqtt.client_id``; default
@@ -29,29 +29,21 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
 from hub.blobs import BlobStore, FileBlobStore
 from hub.core.config import HubConfig
 from hub.core.db import make_engine, make_session_factory, upgrade
+from hub.mqtt import make_client, shared_filter
 from hub.pipeline import IngestError, IngestPipeline
 from lineguard_contract import Topics
 
 __all__ = ["IngestWorker", "shared_filter"]
 
 log = logging.getLogger(__name__)
-
-
-def shared_filter(group: str, topic_filter: str) -> str:
-    """``$share/<group>/<filter>``: the one place the shared-subscription prefix is written."""
-    return f"$share/{group}/{topic_filter}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +90,8 @@ class IngestWorker:
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
 
-    def _make_client(self) -> paho.Client:
-        m = self.config.mqtt
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                             protocol=MQTTProtocolVersion.MQTTv311, manual_ack=True)
-        client.reconnect_delay_set(1, 30)
-        if m.username is not None:
-            client.username_pw_set(m.username, m.password())
-        if m.tls:
-            client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    def _make_client(self) -> Any:
+        client = make_client(self.config.mqtt, self.client_id, clean_session=False, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -149,7 +134,7 @@ class IngestWorker:
         return {**self.pipeline.counters(), "errors": errors}
 
     # -- paho callbacks (network thread) ------------------------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             log.error("broker refused the connection: %s", rc)
             return
@@ -157,19 +142,19 @@ class IngestWorker:
         log.info("connected as %s (session present: %s)", self.client_id, flags.session_present)
         client.subscribe(self.subscriptions)  # every connect: the broker may have lost the session
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
         refused = [str(rc) for rc in rcs if rc.is_failure]
         if refused:
             log.error("subscription refused: %s", refused)
             return
         self.subscribed.set()
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.subscribed.clear()
         if rc.is_failure:
             log.warning("disconnected (%s); paho reconnects", rc)
 
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         # Never raise here: an exception would end paho's network thread.
         try:
             topic = msg.topic

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from sqlalchemy import func, select
@@ -29,6 +31,7 @@ from hub.core.config import HubConfig
 from hub.core.db import make_engine, make_session_factory, upgrade
 from hub.core.security import new_secret
 from hub.ingest import IngestWorker
+from hub.mqtt import HeadMqttWorker
 from hub.tables import User
 
 __all__ = ["ADMIN_PASSWORD_ENV", "ADMIN_USER_ENV", "DemoLogin", "ensure_first_admin", "serve"]
@@ -92,6 +95,28 @@ class _Server(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWorker:
+    """Load every configured split head and start serving features (see hub/head_service.py)."""
+    from hub.head_service import HeadService, load_heads
+
+    hc = config.heads
+    assert hc is not None
+    heads = load_heads(hc.bundles, threads=hc.threads)
+
+    def factory(publish: Any) -> HeadService:
+        return HeadService(heads, publish, max_batch=hc.max_batch, max_delay_ms=hc.max_delay_ms,
+                           dead_letter_dir=config.data_dir / "dead-letter" / "features",
+                           dead_letter_keep=hc.dead_letter_keep)
+
+    worker = HeadMqttWorker(config.mqtt, factory, group=hc.group, shared=not config.embedded_broker,
+                            client_id=client_id or f"{hc.group}-{socket.gethostname()}-{os.getpid()}"[:64])
+    worker.start()
+    if not worker.wait_subscribed(15):
+        log.warning("head service not subscribed yet (broker %s unreachable?); it keeps retrying", config.mqtt.url)
+    log.info("head service: bundles %s", sorted(heads))
+    return worker
+
+
 def serve(config: HubConfig, *, log_level: str = "info") -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
@@ -103,6 +128,7 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
         log.info("embedded MQTT broker on %s", broker.url)
     engine = make_engine(config.db_url)
     worker: IngestWorker | None = None
+    heads: HeadMqttWorker | None = None
     try:
         upgrade(engine)
         sessions = make_session_factory(engine)
@@ -113,6 +139,8 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
         if not worker.wait_subscribed(15):
             log.warning("ingest worker not subscribed yet (broker %s unreachable?); it keeps retrying",
                         config.mqtt.url)
+        if config.heads is not None:
+            heads = start_heads(config)
         web_sessions = make_session_factory(engine, immediate=True)  # requests read, then write (SQLite)
         app = create_app(HubContext(config, web_sessions, blobs, ingest_counters=worker.counters))
         url = f"http://{config.http.host}:{config.http.port}/"
@@ -124,6 +152,8 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
                                                log_level=log_level, access_log=False, lifespan="off"))
         server.run()
     finally:
+        if heads is not None:
+            heads.stop()
         if worker is not None:
             worker.stop()
         engine.dispose()

@@ -4,6 +4,15 @@ This package is the only place topic strings and payload fields are written. Bot
 """
 
 from lineguard_contract.connection import BrokerSettings, describe_validation_error
+from lineguard_contract.features import (
+    FeatureHeader,
+    HeadDetection,
+    SplitResultPayload,
+    decode_features,
+    decode_split_result,
+    encode_features,
+    encode_split_result,
+)
 from lineguard_contract.payloads import (
     MAX_PAYLOAD_BYTES,
     ContractError,
@@ -36,4 +45,11 @@ __all__ = [
     "encode",
     "decode",
     "new_sample_id",
+    "FeatureHeader",
+    "HeadDetection",
+    "SplitResultPayload",
+    "encode_features",
+    "decode_features",
+    "encode_split_result",
+    "decode_split_result",
 ]

@@ -14,6 +14,9 @@ Layout::
       model_fp32.onnx       role onnx_fp32
       model_int8.onnx       role onnx_int8
       checkpoint.pt         role checkpoint (hub only; agents do not carry it)
+      split_edge_int8.onnx  role split_edge_int8 (split inference: the agent's part, INT8)
+      split_edge_fp32.onnx  role split_edge_fp32
+      split_hub.onnx        role split_hub (the head service's part)
 """
 
 from __future__ import annotations
@@ -51,14 +54,17 @@ MANIFEST_FILE = "manifest.json"
 #: Detached signature of manifest.json. Signing/verification is a later issue: nothing writes
 #: or checks this file yet, and nothing here pretends to.
 SIGNATURE_FILE = "manifest.sig"
-ROLES = ("onnx_fp32", "onnx_int8", "checkpoint")
+ROLES = ("onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub")
 #: File name each role gets inside the bundle (the source file's suffix is kept).
-DEFAULT_FILE_NAMES = {"onnx_fp32": "model_fp32", "onnx_int8": "model_int8", "checkpoint": "checkpoint"}
-#: Roles an agent may lack on disk without it being an error (unless asked for explicitly).
-OPTIONAL_ROLES = frozenset({"checkpoint"})
+DEFAULT_FILE_NAMES = {"onnx_fp32": "model_fp32", "onnx_int8": "model_int8", "checkpoint": "checkpoint",
+                      "split_edge_fp32": "split_edge_fp32", "split_edge_int8": "split_edge_int8",
+                      "split_hub": "split_hub"}
+#: Roles a machine may lack on disk without it being an error (unless asked for explicitly): the hub
+#: does not need the edge parts, an agent neither the checkpoint nor the hub part.
+OPTIONAL_ROLES = frozenset({"checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub"})
 _CHUNK = 1 << 20  # 1 MiB
 
-Role = Literal["onnx_fp32", "onnx_int8", "checkpoint"]
+Role = Literal["onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub"]
 
 
 class BundleError(Exception):
@@ -115,6 +121,8 @@ class Manifest(_Strict):
     postprocessing: Postprocessing = Postprocessing()
     files: dict[Role, FileEntry]
     quantization: dict[str, Any] | None = None
+    #: split inference (issue 5): {"cut", "spec" (models.feature_codec.FeatureSpec), "bottleneck", "metrics"}
+    split: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
 
@@ -185,6 +193,7 @@ def write_bundle(
     quantization: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
     created_at: str | None = None,
     overwrite: bool = False,
 ) -> Manifest:
@@ -224,6 +233,7 @@ def write_bundle(
             "quantization": dict(quantization) if quantization is not None else None,
             "metrics": dict(metrics or {}),
             "training": dict(training or {}),
+            "split": dict(split) if split is not None else None,
         }
         if preprocessing is not None:
             fields["preprocessing"] = preprocessing

@@ -98,6 +98,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from models.split_bundle import add_split_parts
+
+    metrics = json.loads(Path(args.report).read_text()) if args.report else None
+    m = add_split_parts(Path(args.bundle), Path(args.bottleneck), Path(args.data), version=args.version,
+                        out=Path(args.out), overwrite=args.overwrite, metrics=metrics)
+    print(f"bundle {args.out} v{m.version} (parent {m.parent_version}): split {m.split and m.split['spec']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lineguard-model", description="LineGuard model tools")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -139,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-far", type=float, default=0.002, help="good-part false-alarm rate on val")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_bundle)
+
+    sp = sub.add_parser("split", help="add a trained bottleneck's split parts to a bundle (a new version)")
+    sp.add_argument("--bundle", required=True)
+    sp.add_argument("--bottleneck", required=True, help=".pt from python -m models.split_train")
+    sp.add_argument("--data", required=True, help="dataset: train calibrates the INT8 parts")
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--report", default=None, help="split report JSON (bench/split_report.py) to record")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=_split)
 
     e = sub.add_parser("eval", help="mAP and part-level figures of a bundle on a dataset")
     e.add_argument("--bundle", required=True)

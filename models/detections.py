@@ -24,11 +24,15 @@ class Detections:
         boxes: ``(N, 4)`` float32, ``x1, y1, x2, y2`` in pixels.
         scores: ``(N,)`` float32 confidences in ``[0, 1]``.
         class_ids: ``(N,)`` int32 indexes into the model's class names.
+        undecided: no result for the frame (always empty).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
+    #: no result at all for this frame (split mode: the hub did not answer in time and there is no
+    #: local model). Empty, and not "nothing found": samplers must not take it for a negative.
+    undecided: bool = False
 
     def __post_init__(self) -> None:
         boxes = np.asarray(self.boxes, dtype=np.float32)
@@ -42,13 +46,15 @@ class Detections:
             raise ValueError(
                 f"length mismatch: {len(boxes)} boxes, {len(scores)} scores, {len(class_ids)} class_ids"
             )
+        if self.undecided and len(scores):
+            raise ValueError("undecided detections must be empty")
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "class_ids", class_ids)
 
     @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32))
+    def empty(cls, undecided: bool = False) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32), undecided)
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -7,6 +7,7 @@ matches Ultralytics' ``non_max_suppression`` followed by ``scale_boxes``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -204,7 +205,7 @@ def _decode_one(
 
 def postprocess(
     raw: np.ndarray,
-    infos: list[LetterboxInfo],
+    infos: Sequence[LetterboxInfo | None],
     conf: float = 0.25,
     iou: float = 0.7,
     max_det: int = 300,
@@ -217,7 +218,8 @@ def postprocess(
     above ``conf``; each box keeps its best class only (``multi_label=False``, the predictor's default;
     Ultralytics' validator uses ``multi_label=True``); at most 30000 candidates enter class-aware NMS
     (boxes offset by ``class * 7680``); the top ``max_det`` survivors are kept. Boxes are then mapped
-    back to each original frame (padding removed, scale undone, clipped).
+    back to each original frame (padding removed, scale undone, clipped); where a frame's info is
+    ``None`` they stay in model-input pixels (the split head service: the agent maps them back).
     """
     raw = np.asarray(raw)
     if raw.ndim == 2:
@@ -232,5 +234,5 @@ def postprocess(
     out = []
     for pred, info in zip(raw, infos, strict=True):
         boxes, scores, cls = _decode_one(pred, conf, iou, max_det, agnostic, multi_label, nc)
-        out.append(Detections(scale_boxes_to_original(boxes, info), scores, cls))
+        out.append(Detections(boxes if info is None else scale_boxes_to_original(boxes, info), scores, cls))
     return out

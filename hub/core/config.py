@@ -21,7 +21,8 @@ from lineguard_contract import MAX_PAYLOAD_BYTES
 from lineguard_contract.connection import BrokerSettings, describe_validation_error, read_yaml_mapping
 from lineguard_contract.topics import SEGMENT_PATTERN
 
-__all__ = ["ConfigError", "HubConfig", "HubHttpConfig", "HubMqttConfig", "build_config", "load_config"]
+__all__ = ["ConfigError", "HubConfig", "HubHeadsConfig", "HubHttpConfig", "HubMqttConfig", "build_config",
+           "load_config"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,19 @@ class HubHttpConfig(BaseModel):
     session_hours: float = Field(12.0, gt=0, le=24 * 30)
 
 
+class HubHeadsConfig(BaseModel):
+    """The head service for agents in split mode (issue 5); absent: no head service."""
+
+    model_config = ConfigDict(extra="forbid")
+    bundles: list[Path] = Field(min_length=1, description="every bundle whose split head is still deployed")
+    max_batch: int = Field(32, ge=1, le=256, description="frames per head run at most")
+    max_delay_ms: float = Field(5.0, ge=0, le=100, description="wait for a fuller batch once one frame is there")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")
+    group: str = Field("lineguard-heads", pattern=SEGMENT_PATTERN,
+                       description="$share group: head processes of one group split the frames")
+    dead_letter_keep: int = Field(1000, ge=0, description="undecodable feature messages kept in data_dir")
+
+
 class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +75,7 @@ class HubConfig(BaseModel):
         None, description="run the embedded MQTT broker on mqtt.url's port; default: when no mqtt section is given")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.sqlite3")
     mqtt: HubMqttConfig = HubMqttConfig()
+    heads: HubHeadsConfig | None = None
     max_payload_bytes: int = Field(MAX_PAYLOAD_BYTES, ge=1024, le=MAX_PAYLOAD_BYTES,
                                    description="larger messages go to dead letters unparsed")
 

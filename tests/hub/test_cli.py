@@ -73,6 +73,11 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.Captur
     assert message in capsys.readouterr().err
 
 
+def test_heads_without_a_heads_section_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["heads", "--data-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"]) == 2
+    assert "no heads section" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     import socket
 

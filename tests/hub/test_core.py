@@ -39,6 +39,10 @@ def test_config_defaults(tmp_path: Path) -> None:
     ({"http": {"port": 0}}, "http.port"),
     ({"http": {"cookie_secure": "maybe"}}, "http.cookie_secure"),
     ({"production": True}, "embedded broker has no authentication"),
+    ({"heads": {}}, "heads.bundles"),
+    ({"heads": {"bundles": []}}, "heads.bundles"),
+    ({"heads": {"bundles": ["b"], "max_batch": 0}}, "heads.max_batch"),
+    ({"heads": {"bundles": ["b"], "max_dealy_ms": 5}}, "heads.max_dealy_ms: unknown key"),
 ])
 def test_config_errors_name_the_key(data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

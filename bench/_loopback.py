@@ -1,0 +1,33 @@
+"""A broker on 127.0.0.1 for the loopback benchmarks: Mosquitto when installed, else the embedded one."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
+    """``(name, stop)`` of a broker listening on ``port``."""
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe:
+        conf = work / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 10000\n")
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return "mosquitto", proc.terminate
+    from hub.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(host="127.0.0.1", port=port, workdir=work / "broker")
+    b.start()
+    return "embedded (rumqttd)", b.stop

@@ -1,0 +1,103 @@
+"""The hub's MQTT client: the only module of the hub that imports paho.
+
+:func:`make_client` builds a paho 2 client from the hub's ``mqtt`` settings (MQTT 3.1.1,
+credentials, TLS), for the ingest worker (persistent session, manual acknowledgements) and the
+head service. :class:`HeadMqttWorker` connects the :class:`~hub.head_service.HeadService` to the
+broker: feature messages of every station at QoS 0 through the shared subscription
+``$share/<heads_group>/lineguard/v1/+/+/+/features`` (head processes of one group split the
+agents' frames between them, on one machine or many), results published at QoS 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from hub.core.config import HubMqttConfig
+from lineguard_contract import Topics
+
+__all__ = ["HeadMqttWorker", "make_client", "shared_filter"]
+
+log = logging.getLogger(__name__)
+Client = paho.Client
+Message = paho.MQTTMessage
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``$share/<group>/<filter>``: the one place the shared-subscription prefix is written."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def make_client(m: HubMqttConfig, client_id: str, *, clean_session: bool, manual_ack: bool = False) -> Any:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                         protocol=MQTTProtocolVersion.MQTTv311, manual_ack=manual_ack)
+    client.reconnect_delay_set(1, 30)
+    if m.username is not None:
+        client.username_pw_set(m.username, m.password())
+    if m.tls:
+        client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    return client
+
+
+class HeadMqttWorker:
+    """Feeds a head service from the broker and publishes its results."""
+
+    def __init__(self, mqtt: HubMqttConfig, service_factory: Any, *, client_id: str, group: str = "lineguard-heads",
+                 shared: bool = True) -> None:
+        self.mqtt = mqtt
+        self.topics = Topics()
+        features = self.topics.all_stations("features")
+        self.subscription = shared_filter(group, features) if shared else features
+        self.subscribed = threading.Event()
+        self._client = make_client(mqtt, client_id, clean_session=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self.service = service_factory(self.publish)
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self._client.publish(topic, data, qos=0)
+
+    def start(self) -> None:
+        self.service.start()
+        self._client.connect_async(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.service.stop()
+
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        return self.subscribed.wait(timeout)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            log.error("broker refused the head service's connection: %s", rc)
+            return
+        client.subscribe(self.subscription, qos=0)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("head service subscription refused: %s", [str(rc) for rc in rcs])
+            return
+        log.info("head service subscribed to %s", self.subscription)
+        self.subscribed.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.subscribed.clear()
+        if rc.is_failure:
+            log.warning("head service disconnected (%s); paho reconnects", rc)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:  # never raise in paho's thread
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = "<invalid UTF-8 topic>"
+        self.service.submit(topic, bytes(msg.payload))

@@ -1,0 +1,215 @@
+"""The head service: exact decoding with the right head, refusals, dead letters, batching, and the
+MQTT worker against a real broker. Uses the shipped bundle's split parts (models/default)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from hub.core.config import build_config
+from hub.head_service import HeadService, load_heads
+from hub.server import start_heads
+from lineguard_contract import StationId, Topics
+from lineguard_contract.features import FeatureHeader, decode_split_result, encode_features
+from models.bundle import load_bundle
+from models.feature_codec import FeatureSpec, encode_codes
+from models.processing import postprocess, preprocess_batch
+from models.split_runtime import SplitEdgeRunner, SplitHubRunner
+from tests.conftest import free_port
+
+BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
+TOPICS = Topics()
+STATION = StationId("plant1", "lineA", "st03")
+FEATURES = TOPICS.station(STATION, "features")
+RESULTS = TOPICS.station(STATION, "split_results")
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Any:
+    return load_bundle(BUNDLE, roles=("split_edge_int8", "split_hub"))
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(BUNDLE.parents[1] / "sample_data" / "line_1080p.mp4"))
+    out = []
+    for i in range(0, 240, 30):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        ok, f = cap.read()
+        assert ok
+        out.append(f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def edge(bundle: Any) -> SplitEdgeRunner:
+    return SplitEdgeRunner(bundle.path("split_edge_int8"), version=bundle.manifest.version)
+
+
+def header(spec: FeatureSpec, version: str, rid: str, **kw: Any) -> FeatureHeader:
+    fields = dict(request_id=rid, agent_id="agent-st03", camera="cam0", ts=time.time(), bundle_version=version,
+                  cut=spec.cut, channels=spec.channels, height=spec.height, width=spec.width, bits=spec.bits,
+                  codec=spec.codec, deadline_ms=5000.0)
+    return FeatureHeader(**{**fields, **kw})
+
+
+class Published:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, topic: str, data: bytes) -> None:
+        with self.lock:
+            self.items.append((topic, data))
+
+    def wait(self, n: int, timeout: float = 20.0) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < n:
+            assert time.monotonic() < deadline, f"{len(self.items)} of {n} results"
+            time.sleep(0.01)
+        return [decode_split_result(d) for _, d in self.items]
+
+
+@pytest.fixture
+def service(bundle: Any, tmp_path: Path) -> Iterator[Callable[..., tuple[HeadService, Published]]]:
+    made: list[HeadService] = []
+
+    def make(**kw: Any) -> tuple[HeadService, Published]:
+        pub = Published()
+        svc = HeadService(load_heads([BUNDLE], threads=2), pub, dead_letter_dir=tmp_path / "dead", **kw)
+        svc.start()
+        made.append(svc)
+        return svc, pub
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def test_answers_equal_the_hub_part_run_directly(service: Any, edge: SplitEdgeRunner, bundle: Any,
+                                                 frames: list[np.ndarray]) -> None:
+    svc, pub = service(max_batch=4, max_delay_ms=50)
+    batch, _ = preprocess_batch(frames, tuple(bundle.manifest.input_size))
+    codes = edge.run(batch)
+    for i, c in enumerate(codes):
+        svc.submit(FEATURES, encode_features(header(edge.spec, bundle.manifest.version, f"r-{i}"),
+                                             encode_codes(c, edge.spec)))
+    results = {r.request_id: r for r in pub.wait(len(frames))}
+    assert all(topic == RESULTS for topic, _ in pub.items)
+    hub = SplitHubRunner(bundle.path("split_hub"), edge.spec)
+    post = bundle.manifest.postprocessing
+    want = postprocess(hub.run(codes), [None] * len(frames), conf=post.operating_conf, iou=post.iou)
+    found = 0
+    for i, d in enumerate(want):
+        r = results[f"r-{i}"]
+        assert r.status == "ok" and r.bundle_version == bundle.manifest.version
+        got = np.array([x.box for x in r.detections], np.float32).reshape(-1, 4)
+        assert len(got) == len(d)
+        np.testing.assert_allclose(got, d.boxes, atol=1e-3)  # boxes in model-input pixels
+        found += len(d)
+    assert found > 0, "the sample frames should hold some detections"
+    stats = svc.stats()
+    assert stats["answered"] == len(frames) and max(stats["batch_sizes"]) > 1, stats
+
+
+@pytest.mark.parametrize(("change", "counter", "reason"), [
+    ({"bundle_version": "0.9.0"}, "refused_version", "no head for bundle version '0.9.0'"),
+    ({"channels": 8}, "refused_spec", "differs from bundle"),
+    ({"bits": 8}, "refused_spec", "differs from bundle"),
+])
+def test_mismatches_are_refused_and_counted_never_decoded(service: Any, edge: SplitEdgeRunner, bundle: Any,
+                                                          change: dict[str, Any], counter: str,
+                                                          reason: str) -> None:
+    svc, pub = service()
+    fields = {"bundle_version": bundle.manifest.version, **change}
+    version = fields.pop("bundle_version")
+    msg = encode_features(header(edge.spec, version, "r-x", **fields), b"garbage, never decoded")
+    svc.submit(FEATURES, msg)
+    (res,) = pub.wait(1)
+    assert res.status == "refused" and reason in res.reason and not res.detections
+    stats = svc.stats()
+    assert stats[counter] == 1 and stats.get("dead_letters", 0) == 0 and stats.get("answered", 0) == 0
+
+
+def test_malformed_and_truncated_messages_are_dead_lettered(service: Any, edge: SplitEdgeRunner, bundle: Any,
+                                                            frames: list[np.ndarray], tmp_path: Path) -> None:
+    svc, pub = service()
+    batch, _ = preprocess_batch(frames[:1], tuple(bundle.manifest.input_size))
+    good = encode_features(header(edge.spec, bundle.manifest.version, "r-ok"),
+                           encode_codes(edge.run(batch)[0], edge.spec))
+    bad = [
+        (FEATURES, b"\x00\x01 not a feature message"),
+        (FEATURES, good[: len(good) - 500]),  # truncated codes
+        (FEATURES, good[:-1] + bytes([good[-1] ^ 0xFF])),  # corrupt zlib (bad checksum)
+        (TOPICS.station(STATION, "samples"), good),  # features on a topic that is not for features
+        ("not/a/lineguard/topic", good),
+    ]
+    for topic, data in bad:
+        svc.submit(topic, data)
+    svc.submit(FEATURES, good)  # and the service goes on
+    (res,) = pub.wait(1)
+    assert res.request_id == "r-ok" and res.status == "ok"
+    time.sleep(0.1)
+    assert len(pub.items) == 1  # dead letters are not answered
+    stats = svc.stats()
+    assert stats["dead_letters"] == len(bad), stats
+    kept = sorted((tmp_path / "dead").glob("*.json"))
+    assert len(kept) == len(bad)
+    reasons = [json.loads(p.read_text())["reason"] for p in kept]
+    assert sum("undecodable codes" in r for r in reasons) == 2
+    assert sum("malformed feature message" in r for r in reasons) == 3
+    assert (tmp_path / "dead" / kept[1].with_suffix(".bin").name).read_bytes() == bad[1][1]
+
+
+def test_expired_messages_are_dropped(service: Any, edge: SplitEdgeRunner, bundle: Any) -> None:
+    svc, pub = service()
+    svc.stop()  # let a message wait past its deadline before the worker sees it
+    svc.submit(FEATURES, encode_features(header(edge.spec, bundle.manifest.version, "r-old", deadline_ms=1.0),
+                                         b"x"))
+    time.sleep(0.05)
+    svc.start()
+    deadline = time.monotonic() + 5
+    while svc.stats().get("expired", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not pub.items
+
+
+def test_mqtt_worker_round_trip_through_the_broker(mosquitto_broker: Any, edge: SplitEdgeRunner, bundle: Any,
+                                                   frames: list[np.ndarray], tmp_path: Path) -> None:
+    cfg = build_config({"data_dir": str(tmp_path), "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto_broker.port}"},
+                        "heads": {"bundles": [str(BUNDLE)], "threads": 2}})
+    worker = start_heads(cfg, client_id="heads-test")
+    got: list[bytes] = []
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"agent-{free_port()}")
+    sub.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    sub.connect("127.0.0.1", mosquitto_broker.port)
+    sub.subscribe(RESULTS, qos=0)
+    sub.loop_start()
+    try:
+        time.sleep(0.3)
+        batch, _ = preprocess_batch(frames[:2], tuple(bundle.manifest.input_size))
+        for i, c in enumerate(edge.run(batch)):
+            sub.publish(FEATURES, encode_features(header(edge.spec, bundle.manifest.version, f"m-{i}"),
+                                                  encode_codes(c, edge.spec)), qos=0)
+        deadline = time.monotonic() + 20
+        while len(got) < 2:
+            assert time.monotonic() < deadline, f"got {len(got)} results"
+            time.sleep(0.02)
+        assert sorted(decode_split_result(g).request_id for g in got) == ["m-0", "m-1"]
+        assert worker.subscription == "$share/lineguard-heads/lineguard/v1/+/+/+/features"
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        worker.stop()
