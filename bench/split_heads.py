@@ -32,7 +32,7 @@ from _loopback import free_port, start_broker  # noqa: E402  (bench/, on sys.pat
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
-from edge_agent.transport import Message  # noqa: E402
+from edge_agent.transport import Message, TransportError  # noqa: E402
 from hub.core.config import build_config  # noqa: E402
 from hub.server import start_heads  # noqa: E402
 from lineguard_contract import StationId, Topics  # noqa: E402
@@ -57,6 +57,12 @@ class SimAgent:
         self.t = MqttTransport(MqttConfig(client_id=f"bench-{self.id}", port=port))
         self.t.subscribe(topics.station(self.station, "split_results"), self._on_result)
         self.t.start()
+        deadline = time.monotonic() + 10
+        while not self.t.connected:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.id}: cannot connect to the broker on port {port}")
+            time.sleep(0.02)
+        self.send_failures = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,7 +86,10 @@ class SimAgent:
             data = encode_features(h, self.codes[n % len(self.codes)])
             with self.lock:
                 self.sent[rid] = time.monotonic()
-            self.t.publish(Message(self.topic, data, qos=0))
+            try:
+                self.t.publish(Message(self.topic, data, qos=0))
+            except TransportError:
+                self.send_failures += 1
             nxt += period
             self.stop.wait(max(0.0, nxt - time.monotonic()))
 

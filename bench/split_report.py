@@ -74,10 +74,10 @@ def plot(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], jpeg: flo
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r["bytes_per_frame"])):
         ax.scatter(r["bytes_per_frame"], 100 * r["map50"], c="C0")
-        ax.annotate(r["name"], (r["bytes_per_frame"], 100 * r["map50"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
+        ax.annotate(f"{r['name']} ({100 * r['map50']:.1f})", (r["bytes_per_frame"], 100 * r["map50"]), fontsize=7,
+                    xytext=(4, -12 + 9 * (i % 4)), textcoords="offset points")
     ax.scatter([jpeg], [100 * base["map50"]], marker="s", c="C1", label="unsplit INT8 (JPEG q90 uplink)")
     ax.axvline(0.25 * jpeg, ls="--", c="grey", label="25% of the JPEG")
     ax.axhline(100 * base["map50"] - 1.0, ls=":", c="red", label="unsplit INT8 mAP50 - 1 point")
@@ -95,7 +95,7 @@ def plot(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], jpeg: flo
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
-    ap.add_argument("--bottlenecks", type=Path, nargs="+", required=True)
+    ap.add_argument("--bottlenecks", type=Path, nargs="+", default=[])
     ap.add_argument("--data", type=Path, default=Path("data/synth/dataset"))
     ap.add_argument("--split", default="val")
     ap.add_argument("--images", type=int, default=300, help="first N images of the split")
@@ -103,7 +103,12 @@ def main() -> int:
     ap.add_argument("--timing-frames", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--plot-only", type=Path, default=None, help="redraw --png from this report JSON, run nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        old = json.loads(args.plot_only.read_text())
+        plot(args.png, old["rows"], old["unsplit_int8"], old["jpeg_q90_bytes"])
+        return 0
 
     bundle = load_bundle(args.bundle, roles=("onnx_int8", "checkpoint"))
     imgsz = tuple(bundle.manifest.input_size)
