@@ -209,3 +209,31 @@ def test_auto_mode_needs_a_local_model(bundle: Any) -> None:
 def test_split_config_errors_name_the_key(split: dict[str, Any], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         build_config({"cameras": [{"id": "cam0", "source": "x.mp4"}], "split": split})
+
+
+def test_the_agent_runs_the_sample_video_in_split_mode(heads: Any, mosquitto_broker: Any, tmp_path: Path) -> None:
+    import urllib.request
+
+    from edge_agent.agent import Agent
+    from tests.edge_agent.test_agent import _cfg
+
+    heads()
+    cfg = _cfg(tmp_path, mosquitto_broker.port, split={"mode": "auto", "deadline_ms": 2000})
+    agent = Agent(cfg)
+    assert isinstance(agent.detector, SplitDetector) and agent.detector.fallback is not None
+    agent.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not agent.finished():
+            assert time.monotonic() < deadline, "the agent did not finish the video in time"
+            time.sleep(0.2)
+        st = agent.detector.stats()
+        # a replay without pacing keeps the newest frame while the model is busy: every frame that
+        # reached the model was answered by the hub, none fell back
+        processed = agent.metrics.frames_processed.labels("cam1")._value.get()
+        assert st["split_frames"] == processed >= 10 and st.get("fallback_frames", 0) == 0, (st, processed)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics.port}/metrics", timeout=5).read().decode()
+        assert f'lineguard_split{{counter="split_frames"}} {float(processed)}' in text
+        assert "lineguard_split_local 0.0" in text
+    finally:
+        agent.stop(drain_s=2)
