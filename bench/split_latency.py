@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +48,8 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
     ap.add_argument("--video", type=Path, default=Path("sample_data/line_1080p.mp4"))
     ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the head service in this process (default: its own process, as on a hub)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -65,9 +68,19 @@ def main() -> int:
     heads = None
     transport = None
     try:
-        cfg = build_config({"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
-                            "heads": {"bundles": [str(args.bundle)], "max_delay_ms": 0}})
-        heads = start_heads(cfg, client_id="bench-heads")
+        hub_cfg = {"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
+                   "heads": {"bundles": [str(args.bundle.resolve())], "max_delay_ms": 0}}
+        if args.in_process:
+            heads = start_heads(build_config(hub_cfg), client_id="bench-heads")
+        else:
+            import yaml
+
+            (work / "hub.yaml").write_text(yaml.safe_dump(hub_cfg))
+            proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "heads", "-c", str(work / "hub.yaml")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None
+            proc.stdout.readline()  # "LineGuard head service running ..." once subscribed (or timed out)
+            heads = proc
         transport = MqttTransport(MqttConfig(client_id="bench-agent", port=port))
         transport.start()
         while not transport.connected:
@@ -90,13 +103,17 @@ def main() -> int:
     finally:
         if transport is not None:
             transport.stop()
-        if heads is not None:
+        if isinstance(heads, subprocess.Popen):
+            heads.terminate()
+            heads.wait(10)
+        elif heads is not None:
             heads.stop()
         stop_broker()
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "broker": broker_name, "bundle_version": bundle.manifest.version, "frames": len(frames),
+        "broker": broker_name, "head_service": "in process" if args.in_process else "own process",
+        "bundle_version": bundle.manifest.version, "frames": len(frames),
         "full_ms": {"p50": pct(lat["full"], 50), "p99": pct(lat["full"], 99), "mean": round(np.mean(lat["full"]), 1)},
         "split_ms": {"p50": pct(lat["split"], 50), "p99": pct(lat["split"], 99),
                      "mean": round(np.mean(lat["split"]), 1)},

@@ -28,17 +28,19 @@ class SplitMismatchError(ValueError):
     """A split part whose embedded spec disagrees with the one it is run with."""
 
 
-def _session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
+def _session(path: Path, threads: int | None, providers: Sequence[str] | None, spin: bool = True) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No busy-waiting between runs: the edge part shares its cores with capture threads (and, on a
-    # loopback test, with the head service), where ONNX Runtime's spinning threads take them away
-    # (measured 2026-11-23, 2 cores, both in one process: edge part 24.7 -> 16.0 ms, head 55 -> 40 ms).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin:
+        # No busy-waiting between runs. The head service's session shares its cores with the MQTT
+        # threads and, on a loopback test, with the agent: with both spinning, each one's idle threads
+        # took the cores from the other (2026-11-23, 2 cores, one process: edge part 24.7 -> 16.0 ms,
+        # head 55 -> 40 ms once neither spun).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts,
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
@@ -56,11 +58,12 @@ def read_split_spec(path: str | Path, session: Any = None) -> tuple[FeatureSpec,
 
 class _Part:
     role_prefix = ""
+    spin = True
 
     def __init__(self, path: str | Path, spec: FeatureSpec | None = None, *, version: str | None = None,
                  threads: int | None = None, providers: Sequence[str] | None = None) -> None:
         self.path = Path(path)
-        self.session = _session(self.path, threads, providers)
+        self.session = _session(self.path, threads, providers, self.spin)
         embedded, role, embedded_version = read_split_spec(self.path, self.session)
         if not role.startswith(self.role_prefix):
             raise SplitMismatchError(f"{self.path}: a {role!r} part, expected {self.role_prefix}*")
@@ -89,6 +92,7 @@ class SplitHubRunner(_Part):
     """Codes ``(N, C, h, w)`` uint8 -> the detector's raw output ``(N, 4 + nc, anchors)``."""
 
     role_prefix = "split_hub"
+    spin = False  # see _session
 
     def run(self, codes: np.ndarray) -> np.ndarray:
         if codes.shape[1:] != self.spec.shape or codes.dtype != np.uint8:
