@@ -41,8 +41,10 @@ def _session(path: Path, threads: int | None, providers: Sequence[str] | None, s
         # took the cores from the other (2026-11-23, 2 cores, one process: edge part 24.7 -> 16.0 ms,
         # head 55 -> 40 ms once neither spun).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts,
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    if not providers:  # CUDA where this onnxruntime has it (a GPU hub with onnxruntime-gpu), else CPU
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 
 def read_split_spec(path: str | Path, session: Any = None) -> tuple[FeatureSpec, str, str]:
