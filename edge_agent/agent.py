@@ -97,6 +97,13 @@ class Agent:
         self.sample_errors = 0
 
     def _make_detector(self, cfg: AgentConfig) -> Detector:
+        if cfg.model.public_keys:
+            from models.signing import load_public_keys, verify_bundle
+
+            roles = (cfg.model.role,) if cfg.split.mode == "full" else ("split_edge_int8",)
+            b = verify_bundle(cfg.model.bundle, load_public_keys(cfg.model.public_keys), roles=roles)
+            log.info("bundle %s v%s: signature and file hashes verified", cfg.model.bundle, b.manifest.version)
+
         def local() -> Detector:
             return create_detector(
                 str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,

@@ -56,6 +56,8 @@ class ModelConfig(_Strict):
     providers: list[str] | None = Field(None, description="ONNX Runtime providers in order; default: best available")
     conf: float | None = Field(None, ge=0, le=1, description="default: the bundle's operating threshold")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per session")
+    public_keys: list[Path] | None = Field(None, description="trusted Ed25519 public keys (PEM): when set, the "
+                                           "agent runs only a bundle signed by one of them, every file's hash checked")
     workers: int | None = Field(None, ge=1, le=16, description="ONNX Runtime sessions side by side, a batch "
                                 "split over them; default 1 (lowest latency per frame)")
 

@@ -51,8 +51,7 @@ __all__ = [
 
 FORMAT_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
-#: Detached signature of manifest.json. Signing/verification is a later issue: nothing writes
-#: or checks this file yet, and nothing here pretends to.
+#: Detached Ed25519 signature of manifest.json's exact bytes (models/signing.py).
 SIGNATURE_FILE = "manifest.sig"
 ROLES = ("onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub")
 #: File name each role gets inside the bundle (the source file's suffix is kept).

@@ -98,6 +98,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from models.signing import generate_keypair
+
+    priv, pub = generate_keypair(Path(args.out), args.name)
+    print(f"private key {priv} (keep it on the hub only), public key {pub} (provision it on every agent)")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from models.signing import load_private_key, sign_bundle
+
+    print(f"signed: {sign_bundle(Path(args.bundle), load_private_key(Path(args.key)))}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from models.signing import SignatureError, load_public_keys, verify_bundle
+
+    try:
+        b = verify_bundle(Path(args.bundle), load_public_keys([Path(p) for p in args.pubkey]), roles=())
+    except SignatureError as exc:
+        print(f"lineguard-model verify: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a file whose hash or size differs: BundleError from load_bundle
+        print(f"lineguard-model verify: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.bundle}: bundle {b.manifest.version}, signature and {len(b.manifest.files)} file hashes good")
+    return 0
+
+
 def _split(args: argparse.Namespace) -> int:
     from models.split_bundle import add_split_parts
 
@@ -159,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", default=None, help="split report JSON (bench/split_report.py) to record")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=_split)
+
+    kg = sub.add_parser("keygen", help="an Ed25519 key pair for signing bundles (private key mode 0600)")
+    kg.add_argument("--out", required=True)
+    kg.add_argument("--name", default="lineguard-bundles")
+    kg.set_defaults(func=_keygen)
+    sg = sub.add_parser("sign", help="sign a bundle's manifest (writes manifest.sig)")
+    sg.add_argument("--bundle", required=True)
+    sg.add_argument("--key", required=True, help="PEM private key")
+    sg.set_defaults(func=_sign)
+    vf = sub.add_parser("verify", help="check a bundle's signature and every file's hash; exit 1 if not good")
+    vf.add_argument("--bundle", required=True)
+    vf.add_argument("--pubkey", required=True, action="append", help="trusted PEM public key (repeatable)")
+    vf.set_defaults(func=_verify)
 
     e = sub.add_parser("eval", help="mAP and part-level figures of a bundle on a dataset")
     e.add_argument("--bundle", required=True)

@@ -24,6 +24,7 @@ TORCH_FREE_MODULES = [
     "models.onnx_meta",
     "models.release",
     "models.feature_codec",
+    "models.signing",
     "models.split_runtime",
     "models.synth",
     "models.cli",
