@@ -42,6 +42,7 @@ TORCH_FREE_MODULES = [
     "edge_agent.outbox",
     "edge_agent.uplink",
     "edge_agent.split_detector",
+    "edge_agent.bundle_store",
     "hub.head_service",
     "edge_agent.mqtt",
     "edge_agent.metrics",
