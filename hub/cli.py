@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--broker", help="mqtt://host:port or mqtts://host:port of the broker")
     h.add_argument("--client-id", help="MQTT client id (default <group>-<host>-<pid>)")
 
+    mo = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_cmd", required=True)
+    mo.add_parser("list", parents=[common], help="every registered version with its status")
+    mr = mo.add_parser("register", parents=[common], help="add a bundle as a candidate (or the first production)")
+    mr.add_argument("bundle", type=Path)
+    mr.add_argument("--production", action="store_true", help="the hub's first model")
+    mr.add_argument("--actor", default="cli")
+    for verb, what in (("promote", "make a version production (the current one is retired)"),
+                       ("canary", "start a candidate's canary"), ("reject", "reject a candidate or canary")):
+        mp = mo.add_parser(verb, parents=[common], help=what)
+        mp.add_argument("version")
+        mp.add_argument("--actor", default="cli")
+        mp.add_argument("--reason", default="")
+
     u = sub.add_parser("user", help="accounts").add_subparsers(dest="user_cmd", required=True)
     ua = u.add_parser("add", parents=[common], help="create a user")
     ua.add_argument("name")
@@ -109,6 +122,30 @@ def _with_db(config: HubConfig, fn: Callable[..., int]) -> int:
         engine.dispose()
 
 
+def _models(s: Any, args: argparse.Namespace) -> int:
+    from hub import registry
+
+    try:
+        if args.models_cmd == "list":
+            for m in registry.list_versions(s):
+                print(f"{m.version:<12} {m.status:<10} parent {m.parent_version or '-':<10} "
+                      f"created {m.created_at:%Y-%m-%d %H:%M} by {m.created_by}"
+                      + (f", promoted by {m.promoted_by}" if m.promoted_by else ""))
+            return 0
+        if args.models_cmd == "register":
+            m = registry.register(s, args.bundle, actor=args.actor,
+                                  status="production" if args.production else "candidate")
+        else:
+            status = {"promote": "production", "canary": "canary", "reject": "rejected"}[args.models_cmd]
+            m = registry.set_status(s, args.version, status, actor=args.actor, reason=args.reason)
+        s.commit()
+    except (registry.RegistryError, ValueError) as e:
+        print(f"lineguard-hub: {e}", file=sys.stderr)
+        return 2
+    print(f"{m.version}: {m.status}")
+    return 0
+
+
 def _run_until_signal(worker: Any) -> int:
     """Block until SIGINT/SIGTERM, then stop ``worker``; exit 0."""
     import signal
@@ -171,6 +208,8 @@ def _run(args: argparse.Namespace, config: HubConfig) -> int:
             return 0
 
         return _with_db(config, token)
+    if args.cmd == "models":
+        return _with_db(config, lambda s: _models(s, args))
     if args.cmd == "export":
         from hub.blobs import FileBlobStore
         from hub.export import export_dir

@@ -13,6 +13,9 @@ migrations in ``hub/migrations``; a change here needs a new revision there.
 - ``defect_classes``: class names known to the hub beyond the model's (added by reviewers).
 - ``users``, ``api_tokens``, ``web_sessions``: accounts, script tokens and UI sessions. Only
   hashes of passwords (argon2) and of tokens (SHA-256) are stored.
+- ``model_versions``: the model registry: every bundle version, its parent, the training data
+  snapshot (sample ids), metrics, status (:data:`MODEL_STATUSES`) and who promoted it;
+  ``model_events``: every status change (audit trail).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import true
 
 __all__ = [
+    "MODEL_STATUSES",
     "ROLES",
     "REVIEW_ACTIONS",
     "SAMPLE_STATUSES",
@@ -46,6 +50,8 @@ __all__ = [
     "DefectClass",
     "Detection",
     "Label",
+    "ModelEvent",
+    "ModelVersion",
     "Review",
     "Sample",
     "Station",
@@ -62,6 +68,7 @@ NAMING = {
 }
 SAMPLE_STATUSES = ("new", "confirmed", "rejected")
 REVIEW_ACTIONS = ("confirm", "reject", "reopen")
+MODEL_STATUSES = ("candidate", "canary", "production", "retired", "rejected")
 ROLES = ("viewer", "reviewer", "admin")  # each role can do what the ones before it can
 BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
 
@@ -255,3 +262,36 @@ class Agent(Base):
     uptime_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
     station: Mapped[Station] = relationship()
+
+
+class ModelVersion(Base):
+    """One bundle version in the registry."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    parent_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # one of MODEL_STATUSES
+    bundle_path: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    data_snapshot_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")  # sample ids
+    metrics_json: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(64))
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    promoted_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ModelEvent(Base):
+    """One status change of a model version (audit trail)."""
+
+    __tablename__ = "model_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    status_before: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    status_after: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
