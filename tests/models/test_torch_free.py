@@ -43,6 +43,7 @@ TORCH_FREE_MODULES = [
     "edge_agent.uplink",
     "edge_agent.split_detector",
     "edge_agent.bundle_store",
+    "edge_agent.swap",
     "hub.head_service",
     "edge_agent.mqtt",
     "edge_agent.metrics",
