@@ -83,7 +83,8 @@ class SwappableDetector(Detector):
 
     def detect_prepared(self, items: Sequence[Prepared]) -> list[Detections]:
         with self._lock:
-            active, old = self._active, self._old
+            active: Detector = self._active
+            old: Detector | None = self._old
         groups: dict[int, tuple[Detector, list[int]]] = {}
         for k, p in enumerate(items):
             owner = getattr(p, "owner", None)
@@ -94,8 +95,8 @@ class SwappableDetector(Detector):
                 raise ValueError("a frame prepared by a detector that is no longer loaded")
             groups.setdefault(id(d), (d, []))[1].append(k)
         out: list[Detections | None] = [None] * len(items)
-        for d, idx in groups.values():
-            for k, det in zip(idx, d.detect_prepared([Prepared(items[k].data, items[k].info) for k in idx]),
+        for runner, idx in groups.values():
+            for k, det in zip(idx, runner.detect_prepared([Prepared(items[k].data, items[k].info) for k in idx]),
                               strict=True):
                 out[k] = det
         return [d for d in out if d is not None]
