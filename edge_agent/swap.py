@@ -89,7 +89,7 @@ class SwappableDetector(Detector):
         for k, p in enumerate(items):
             owner = getattr(p, "owner", None)
             d: Detector = active
-            if old is not None and owner is old:
+            if owner is old and old is not None:
                 d = old
             if owner is not None and owner is not d:  # made by a detector two swaps ago
                 raise ValueError("a frame prepared by a detector that is no longer loaded")
