@@ -162,6 +162,9 @@ class SplitDetector(Detector):
             rid = f"{self._run_id}-{self._seq}"
             self._waiting.add(rid)
             if probe:
+                if len(self._probes) >= 64:  # unanswered probes of a hub that stays away: forget them
+                    self._waiting.difference_update(self._probes)
+                    self._probes.clear()
                 self._probes.add(rid)
         header = FeatureHeader.model_validate(
             {"request_id": rid, "agent_id": self.agent_id, "camera": "agent", "ts": time.time(),

@@ -237,3 +237,17 @@ def test_the_agent_runs_the_sample_video_in_split_mode(heads: Any, mosquitto_bro
         assert "lineguard_split_local 0.0" in text
     finally:
         agent.stop(drain_s=2)
+
+
+def test_unanswered_probes_do_not_pile_up(bundle: Any, frames: list[np.ndarray]) -> None:
+    t = MemoryTransport()
+    t.start()
+    det = SplitDetector(bundle, t, STATION, "agent-st03", mode="auto", fallback=local(bundle), deadline_ms=50,
+                        fallback_after=1, probe_interval_s=0.001)
+    det.load()
+    small = [cv2.resize(frames[0], (320, 180))]
+    for _ in range(80):
+        det.detect(small)
+    st = det.stats()
+    assert st["state"] == "local" and st["probes"] >= 70, st
+    assert len(det._probes) <= 64 and len(det._waiting) <= 64
