@@ -18,7 +18,6 @@ target exit 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from _common import emit_json  # noqa: E402  (bench/, first on sys.path)
 
 from models.bundle import load_bundle  # noqa: E402
 from models.dataset_io import load_dataset  # noqa: E402
@@ -131,11 +131,7 @@ def main() -> int:
         "targets": checks,
         "all_targets_met": all(checks.values()),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
     if args.plot:
         _plot(curves, operating, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)

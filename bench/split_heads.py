@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from _loopback import free_port, start_broker  # noqa: E402  (bench/, on sys.path as the script's dir)
+from _common import emit_json, free_port, start_broker  # noqa: E402  (bench/, first on sys.path)
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
@@ -176,11 +176,7 @@ def main() -> int:
               "deadline_ms": args.deadline_ms,
               "bytes_per_message": round(float(np.mean([len(c) for c in codes])) + 240),
               "steps": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ broker: Mosquitto when installed, else the embedded one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from _loopback import free_port, start_broker  # noqa: E402  (bench/, on sys.path as the script's dir)
+from _common import emit_json, free_port, start_broker  # noqa: E402  (bench/, first on sys.path)
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.detector import OnnxDetector  # noqa: E402
@@ -121,11 +120,7 @@ def main() -> int:
     }
     result["ratio_p50"] = round(result["split_ms"]["p50"] / result["full_ms"]["p50"], 2)
     result["ratio_p99"] = round(result["split_ms"]["p99"] / result["full_ms"]["p99"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

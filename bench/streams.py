@@ -13,7 +13,6 @@ the objective; printed and written as JSON: one summary per step.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from _common import emit_json  # noqa: E402  (bench/, first on sys.path)
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.batcher import AdaptiveBatcher, BatchPolicy, Result  # noqa: E402
@@ -232,11 +232,7 @@ def main() -> int:
         print(f"{row['streams']:>7} {row['offered_fps']:>8} {row['processed_fps']:>7} {row['mean_batch']:>6} "
               f"{row['latency_p50_ms']:>8} {row['latency_p99_ms']:>8} {row['within_slo']:>7} "
               f"{row['captured_fps']:>9} {row['dropped_share']:>8}")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from _common import emit_json  # noqa: E402  (bench/, first on sys.path)
 
 from models.bundle import load_bundle  # noqa: E402
 from models.offline import configure_offline, patch_ultralytics  # noqa: E402
@@ -144,11 +145,7 @@ def main() -> int:
         "peer": "ultralytics predict(stream=True) on a .streams source, FP16" if half else "ultralytics, CPU",
         "imgsz": imgsz, "video": str(args.video), "steps": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

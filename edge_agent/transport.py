@@ -88,10 +88,10 @@ class Transport(ABC):
     def publish(self, message: Message) -> int:
         """Queue ``message``; returns its mid. Raises TransportError when it is not accepted."""
 
+    @abstractmethod
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Deliver messages on ``topic_filter`` (QoS 0) to ``handler(topic, payload)``, from the network
         thread, across reconnects. The handler must return quickly and never raise."""
-        raise NotImplementedError(f"{type(self).__name__} cannot subscribe")
 
 
 class MemoryTransport(Transport):

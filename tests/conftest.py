@@ -37,6 +37,21 @@ import pytest
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
+def sample_frames(start: int, stop: int, step: int) -> list[Any]:
+    """Frames ``start:stop:step`` of the committed 1080p sample video (BGR arrays)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(Path(__file__).resolve().parents[1] / "sample_data" / "line_1080p.mp4"))
+    out = []
+    for i in range(start, stop, step):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+        ok, f = cap.read()
+        assert ok, f"sample video frame {i}"
+        out.append(f)
+    cap.release()
+    return out
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ from lineguard_contract.features import SplitResultPayload, decode_features, enc
 from models.bundle import load_bundle
 from models.detections import Detections
 from models.processing import letterbox
-from tests.conftest import free_port
+from tests.conftest import free_port, sample_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "default"
@@ -39,14 +39,7 @@ def bundle() -> Any:
 
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(ROOT / "sample_data" / "line_1080p.mp4"))
-    out = []
-    for i in range(0, 300, 5):
-        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
-        ok, f = cap.read()
-        assert ok
-        out.append(f)
-    return out
+    return sample_frames(0, 300, 5)
 
 
 @pytest.fixture

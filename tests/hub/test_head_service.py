@@ -24,7 +24,7 @@ from models.bundle import load_bundle
 from models.feature_codec import FeatureSpec, encode_codes
 from models.processing import postprocess, preprocess_batch
 from models.split_runtime import SplitEdgeRunner, SplitHubRunner
-from tests.conftest import free_port
+from tests.conftest import free_port, sample_frames
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
 TOPICS = Topics()
@@ -40,16 +40,7 @@ def bundle() -> Any:
 
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
-    import cv2
-
-    cap = cv2.VideoCapture(str(BUNDLE.parents[1] / "sample_data" / "line_1080p.mp4"))
-    out = []
-    for i in range(0, 240, 30):
-        cap.set(cv2.CAP_PROP_POS_FRAMES, i)
-        ok, f = cap.read()
-        assert ok
-        out.append(f)
-    return out
+    return sample_frames(0, 240, 30)
 
 
 @pytest.fixture(scope="module")

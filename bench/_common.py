@@ -1,13 +1,17 @@
-"""A broker on 127.0.0.1 for the loopback benchmarks: Mosquitto when installed, else the embedded one."""
+"""What the benchmarks share: a broker on 127.0.0.1 for the loopback runs (Mosquitto when installed,
+else the embedded one), and printing / writing the result JSON. Imported as ``_common``: a script's
+own folder (bench/) is first on sys.path."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -31,3 +35,12 @@ def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
     b = EmbeddedBroker(host="127.0.0.1", port=port, workdir=work / "broker")
     b.start()
     return "embedded (rumqttd)", b.stop
+
+
+def emit_json(result: Any, path: Path | None) -> None:
+    """Print ``result`` as indented JSON and, when ``path`` is given, write it there too."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
