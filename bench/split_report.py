@@ -34,6 +34,7 @@ from models.dataset_io import YoloDataset, load_dataset  # noqa: E402
 from models.evaluate import evaluate  # noqa: E402
 from models.onnx_predict import OnnxPredictor  # noqa: E402
 from models.processing import letterbox, preprocess_batch  # noqa: E402
+from models.split_bundle import export_bottleneck  # noqa: E402
 from models.split_runtime import SplitEdgeRunner, SplitHubRunner, SplitPredictor  # noqa: E402
 
 
@@ -45,26 +46,6 @@ def median_ms(fn: Any, arg: Any, n: int) -> float:
         fn(arg)
         times.append(1000 * (time.perf_counter() - t))
     return round(float(np.median(times)), 1)
-
-
-def export_parts(checkpoint: Path, bottleneck: Path, out: Path, bundle: Any, data: Path) -> dict[str, Path]:
-    from models.offline import configure_offline, patch_ultralytics
-
-    configure_offline()
-    from ultralytics import YOLO
-
-    from models.split_export import export_split_parts
-    from models.split_train import apply_hub_tuning, load_bottleneck
-
-    patch_ultralytics()
-    bn, info = load_bottleneck(bottleneck)
-    model = YOLO(str(checkpoint), task="detect").model
-    apply_hub_tuning(model, info)
-    paths, _, _ = export_split_parts(model, bn, info["cut"], out, imgsz=tuple(bundle.manifest.input_size),
-                                     classes=list(bundle.manifest.classes), version=bundle.manifest.version,
-                                     calib_data=data,
-                                     preprocessing=bundle.manifest.preprocessing.model_dump())
-    return paths
 
 
 def plot(path: Path, rows: list[dict[str, Any]], base: dict[str, Any], jpeg: float) -> None:
@@ -128,7 +109,8 @@ def main() -> int:
     rows = []
     for bn_path in args.bottlenecks:
         name = bn_path.stem
-        paths = export_parts(bundle.path("checkpoint"), bn_path, args.work / name, bundle, args.data)
+        paths, _, _, _ = export_bottleneck(bundle, bn_path, args.work / name, args.data,
+                                           version=bundle.manifest.version)
         edge, hub = SplitEdgeRunner(paths["split_edge_int8"]), SplitHubRunner(paths["split_hub"])
         pred = SplitPredictor(edge, hub, imgsz)  # type: ignore[arg-type]
         r = evaluate(pred, ds, args.split, progress=False)

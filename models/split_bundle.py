@@ -18,16 +18,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.bundle import Manifest, load_bundle, write_bundle
+from models.bundle import Bundle, Manifest, load_bundle, write_bundle
+from models.feature_codec import FeatureSpec
 from models.onnx_meta import read_metadata, write_metadata
 
-__all__ = ["add_split_parts"]
+__all__ = ["add_split_parts", "export_bottleneck"]
 
 log = logging.getLogger(__name__)
 
 
-def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: str, out: Path,
-                    overwrite: bool = False, metrics: dict[str, Any] | None = None) -> Manifest:
+def export_bottleneck(bundle: Bundle, bottleneck: Path, out_dir: Path, data: Path, *,
+                      version: str) -> tuple[dict[str, Path], FeatureSpec, dict[str, Any], dict[str, Any]]:
+    """The split parts of ``bundle``'s checkpoint with a trained bottleneck (and the hub layers it
+    tuned), as ``version``: ``(paths by role, spec, export report, training info)``."""
     from models.offline import configure_offline, patch_ultralytics
 
     configure_offline()
@@ -37,18 +40,23 @@ def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: 
     from models.split_train import apply_hub_tuning, load_bottleneck
 
     patch_ultralytics()
-    bundle = load_bundle(bundle_dir, roles=("onnx_fp32", "onnx_int8", "checkpoint"))
     m = bundle.manifest
     bn, info = load_bottleneck(bottleneck)
     model = YOLO(str(bundle.path("checkpoint")), task="detect").model
     apply_hub_tuning(model, info)
+    paths, spec, report = export_split_parts(
+        model, bn, info["cut"], out_dir, imgsz=(int(m.input_size[0]), int(m.input_size[1])),
+        classes=list(m.classes), version=version, calib_data=data, preprocessing=m.preprocessing.model_dump())
+    return paths, spec, report, info
+
+
+def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: str, out: Path,
+                    overwrite: bool = False, metrics: dict[str, Any] | None = None) -> Manifest:
+    bundle = load_bundle(bundle_dir, roles=("onnx_fp32", "onnx_int8", "checkpoint"))
+    m = bundle.manifest
     with tempfile.TemporaryDirectory(prefix="lg_split_") as tmp:
         work = Path(tmp)
-        imgsz = (int(m.input_size[0]), int(m.input_size[1]))
-        paths, spec, report = export_split_parts(
-            model, bn, info["cut"], work / "parts", imgsz=imgsz, classes=list(m.classes), version=version,
-            calib_data=data,
-            preprocessing=m.preprocessing.model_dump())
+        paths, spec, report, info = export_bottleneck(bundle, bottleneck, work / "parts", data, version=version)
         files: dict[str, Path] = {}
         for role in ("onnx_fp32", "onnx_int8"):  # same weights, new version in their metadata
             dst = work / f"{role}.onnx"
