@@ -5,15 +5,18 @@ Each simulated agent is its own MQTT client (as a real one is) publishing featur
 so only the hub side is measured) and listening to its ``split_results``. Steps add agents; per
 step: answered frames/s against the offered rate, answer latency (publish -> answer received)
 p50/p99, the share answered within ``--deadline-ms``, and the head batch sizes. The head service
-runs in this process (``hub.server.start_heads``) on the broker at 127.0.0.1.
+runs in this process (``hub.server.start_heads``) on the broker at 127.0.0.1; the simulated agents
+run in ``--procs`` other processes (so that their MQTT clients do not share the head's interpreter).
 
     python bench/split_heads.py --agents 1 2 4 --fps 30 --seconds 15 --json out/bench/split_heads.json
+    python bench/split_heads.py --runtime torch --agents 8 16 32 --procs 4 ...   # a GPU hub
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
@@ -104,19 +107,43 @@ class SimAgent:
         return rtt, len(lost)
 
 
+def _agents_worker(ids: list[int], port: int, version: str, spec: Any, codes: list[bytes], fps: float,
+                   deadline_ms: float, settle: float, seconds: float, out: Any) -> None:
+    """One process of simulated agents for one step: settle, measure ``seconds``, report, stop."""
+    agents = [SimAgent(k, port, version, spec, codes, fps, deadline_ms) for k in ids]
+    for a in agents:
+        a.thread.start()
+    time.sleep(settle)
+    for a in agents:
+        a.take()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    took = [a.take() for a in agents]
+    elapsed = time.monotonic() - t0
+    for a in agents:
+        a.stop.set()
+    for a in agents:
+        a.thread.join(timeout=2)
+        a.t.stop()
+    out.put({"rtt": [v for r, _ in took for v in r], "lost": sum(lost for _, lost in took), "elapsed": elapsed})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
     ap.add_argument("--video", type=Path, default=Path("sample_data/line_1080p.mp4"))
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--procs", type=int, default=2, help="processes the simulated agents are spread over")
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--deadline-ms", type=float, default=250.0)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--runtime", choices=["onnx", "torch"], default="onnx", help="the head's runtime (heads.runtime)")
+    ap.add_argument("--device", default="cuda", help="torch runtime: cuda or cpu")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    bundle = load_bundle(args.bundle, roles=("split_edge_int8", "split_hub"))
+    bundle = load_bundle(args.bundle, roles=("split_edge_int8",))
     edge = SplitEdgeRunner(bundle.path("split_edge_int8"), version=bundle.manifest.version)
     cap = cv2.VideoCapture(str(args.video))
     frames = []
@@ -131,28 +158,33 @@ def main() -> int:
     port = free_port()
     broker_name, stop_broker = start_broker(port, work)
     cfg = build_config({"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
-                        "heads": {"bundles": [str(args.bundle)], "max_batch": args.max_batch}})
+                        "heads": {"bundles": [str(args.bundle)], "max_batch": args.max_batch,
+                                  "runtime": args.runtime, "device": args.device}})
     heads = start_heads(cfg, client_id="bench-heads")
-    agents: list[SimAgent] = []
+    head = heads.service.heads[bundle.manifest.version]
+    for k in (1, args.max_batch):  # warm up (CUDA context, kernels) before the first step
+        head.detect(np.repeat(edge.run(batch[:1]), k, axis=0))
+    ctx = mp.get_context("spawn")
     rows = []
     try:
         for n in tqdm(args.agents, desc="agents"):
-            while len(agents) < n:
-                a = SimAgent(len(agents), port, bundle.manifest.version, edge.spec, codes, args.fps, args.deadline_ms)
-                agents.append(a)
-                a.thread.start()
-            time.sleep(2.0)  # settle
-            for a in agents:
-                a.take()
+            procs = max(1, min(args.procs, n))
+            q = ctx.Queue()
+            workers = [ctx.Process(target=_agents_worker, args=(list(range(n))[i::procs], port, bundle.manifest.version,
+                                                                 edge.spec, codes, args.fps, args.deadline_ms, 3.0,
+                                                                 args.seconds, q), daemon=True)
+                       for i in range(procs)]
             sizes0 = dict(heads.service.stats()["batch_sizes"])
-            t0 = time.monotonic()
-            time.sleep(args.seconds)
-            took = [a.take() for a in agents]
-            elapsed = time.monotonic() - t0
-            rtt = [v for r, _ in took for v in r]
-            lost = sum(lost for _, lost in took)
+            for w in workers:
+                w.start()
+            got = [q.get(timeout=args.seconds + 60) for _ in workers]
+            for w in workers:
+                w.join(timeout=10)
             sizes = {k: v - sizes0.get(k, 0) for k, v in heads.service.stats()["batch_sizes"].items()}
             runs = sum(sizes.values())
+            rtt = [v for g in got for v in g["rtt"]]
+            lost = sum(g["lost"] for g in got)
+            elapsed = float(np.mean([g["elapsed"] for g in got]))
             row = {"agents": n, "offered_fps": round(n * args.fps, 1), "answered_fps": round(len(rtt) / elapsed, 1),
                    "latency_p50_ms": round(float(np.percentile(rtt, 50)), 1) if rtt else None,
                    "latency_p99_ms": round(float(np.percentile(rtt, 99)), 1) if rtt else None,
@@ -162,17 +194,12 @@ def main() -> int:
             tqdm.write(json.dumps(row))
             rows.append(row)
     finally:
-        for a in agents:
-            a.stop.set()
-        for a in agents:
-            a.thread.join(timeout=2)
-            a.t.stop()
         heads.stop()
         stop_broker()
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "broker": broker_name, "bundle_version": bundle.manifest.version, "head": heads.service.heads[
-                  bundle.manifest.version].runner.provider, "fps_per_agent": args.fps,
+              "broker": broker_name, "bundle_version": bundle.manifest.version, "head": head.runner.provider,
+              "agent_processes": args.procs, "fps_per_agent": args.fps,
               "deadline_ms": args.deadline_ms,
               "bytes_per_message": round(float(np.mean([len(c) for c in codes])) + 240),
               "steps": rows}

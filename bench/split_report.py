@@ -2,8 +2,9 @@
 hub ms and mAP50, next to the unsplit INT8 model and the JPEG of the same input, in one run.
 
 Each bottleneck (``models/split_train.py`` output) is exported with the bundle's checkpoint into
-its two ONNX parts (the edge part INT8, as the agent runs it; the hub part FP32) and evaluated
-through the wire codec on the same images as the unsplit INT8 model. Bytes: the zlib-packed
+its two ONNX parts (the edge part INT8, as the agent runs it; the hub part INT8, as the bundle
+ships it) and evaluated through the wire codec on the same images as the unsplit INT8 model; the
+same bottleneck with both parts FP32 is scored too (``map50_fp32``: what INT8 costs the split). Bytes: the zlib-packed
 codes as sent; JPEG: quality 90 of each evaluated image letterboxed to the model input (what the
 agent would send otherwise). Milliseconds: ONNX Runtime on this machine, batch 1, median.
 
@@ -91,7 +92,7 @@ def main() -> int:
         plot(args.png, old["rows"], old["unsplit_int8"], old["jpeg_q90_bytes"])
         return 0
 
-    bundle = load_bundle(args.bundle, roles=("onnx_int8", "checkpoint"))
+    bundle = load_bundle(args.bundle, roles=("onnx_fp32", "onnx_int8", "checkpoint"))
     imgsz = tuple(bundle.manifest.input_size)
     full = load_dataset(args.data, splits=[args.split])
     samples = full.split(args.split)[: args.images]
@@ -103,7 +104,9 @@ def main() -> int:
 
     unsplit = OnnxPredictor(bundle.path("onnx_int8"), imgsz=imgsz)
     rep = evaluate(unsplit, ds, args.split, progress=False)
-    base = {"name": "unsplit INT8", "map50": round(rep.map50, 4), "bytes_per_frame": round(jpeg),
+    rep_fp = evaluate(OnnxPredictor(bundle.path("onnx_fp32"), imgsz=imgsz), ds, args.split, progress=False)
+    base = {"name": "unsplit INT8", "map50": round(rep.map50, 4), "map50_fp32": round(rep_fp.map50, 4),
+            "bytes_per_frame": round(jpeg),
             "full_ms": median_ms(unsplit.raw, batch1, args.timing_frames)}
     print(f"unsplit INT8: mAP50 {rep.map50:.4f}, JPEG q90 {jpeg:,.0f} B/frame, {base['full_ms']} ms", flush=True)
     rows = []
@@ -114,11 +117,16 @@ def main() -> int:
         edge, hub = SplitEdgeRunner(paths["split_edge_int8"]), SplitHubRunner(paths["split_hub"])
         pred = SplitPredictor(edge, hub, imgsz)  # type: ignore[arg-type]
         r = evaluate(pred, ds, args.split, progress=False)
+        fp_paths, _, _, _ = export_bottleneck(bundle, bn_path, args.work / f"{name}-fp32", args.data,
+                                              version=bundle.manifest.version, int8=False)
+        fp_pred = SplitPredictor(SplitEdgeRunner(fp_paths["split_edge_fp32"]), SplitHubRunner(fp_paths["split_hub"]),
+                                 imgsz)  # type: ignore[arg-type]
+        r_fp = evaluate(fp_pred, ds, args.split, progress=False)
         codes = edge.run(batch1)
         row = {"name": name, "cut": edge.spec.cut, "width": edge.spec.channels, "bits": edge.spec.bits,
                "shape": list(edge.spec.shape), "bytes_per_frame": round(float(np.mean(pred.bytes_sent))),
                "vs_jpeg": round(float(np.mean(pred.bytes_sent)) / jpeg, 3), "map50": round(r.map50, 4),
-               "map50_delta_points": round(100 * (r.map50 - rep.map50), 2),
+               "map50_delta_points": round(100 * (r.map50 - rep.map50), 2), "map50_fp32": round(r_fp.map50, 4),
                "edge_ms": median_ms(edge.run, batch1, args.timing_frames),
                "hub_ms": median_ms(hub.run, codes, args.timing_frames)}
         print(json.dumps(row), flush=True)
@@ -127,15 +135,16 @@ def main() -> int:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "bundle_version": bundle.manifest.version, "images": len(samples), "split": args.split,
               "jpeg_q90_bytes": round(jpeg), "unsplit_int8": base, "rows": rows}
-    print("| bottleneck | cut | codes (C x h x w, bits) | bytes/frame | vs JPEG | mAP50 | vs unsplit | edge ms "
-          "| hub ms |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| bottleneck | cut | codes (C x h x w, bits) | bytes/frame | vs JPEG | mAP50 | vs unsplit INT8 "
+          "| mAP50 FP32 parts | edge ms | hub ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| unsplit INT8 (JPEG q90 uplink) | - | - | {jpeg:,.0f} | 1.00 | {100 * base['map50']:.1f} | - | "
-          f"{base['full_ms']} (whole model) | - |")
+          f"{100 * base['map50_fp32']:.1f} | {base['full_ms']} (whole model) | - |")
     for r in rows:
         c, h, w = r["shape"]
         print(f"| {r['name']} | {r['cut']} | {c}x{h}x{w}, {r['bits']} | {r['bytes_per_frame']:,} | "
-              f"{r['vs_jpeg']:.2f} | {100 * r['map50']:.1f} | {r['map50_delta_points']:+.1f} | {r['edge_ms']} | "
+              f"{r['vs_jpeg']:.2f} | {100 * r['map50']:.1f} | {r['map50_delta_points']:+.1f} | "
+              f"{100 * r['map50_fp32']:.1f} | {r['edge_ms']} | "
               f"{r['hub_ms']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

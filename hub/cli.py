@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--val-share", type=float, default=0.2)
 
     sub.add_parser("migrate", parents=[common], help="upgrade the database schema to the latest revision")
+    r = sub.add_parser("retrain", parents=[common],
+                       help="retrain on the reviewed samples now (or resume a job a crash left): train, gate, sign, "
+                            "register; exit 0 candidate registered, 3 the gate refused it, 1 failed, 2 busy")
+    r.add_argument("--trigger", default="manual", choices=["manual", "schedule"], help=argparse.SUPPRESS)
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    r.add_argument("--by", default="cli", help="who asked (recorded with the job)")
     return p
 
 
@@ -160,13 +166,35 @@ def _run_until_signal(worker: Any) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace, config: HubConfig) -> int:
+    if config.retrain is None:
+        print("lineguard-hub: retrain: the config has no retrain section (golden set, replay data, key)",
+              file=sys.stderr)
+        return 2
+    from hub.retrain import RetrainBusy
+    from hub.retrain_worker import run_retrain
+
+    try:
+        st = run_retrain(config, trigger=args.trigger, requested_by=args.by, progress=not args.no_progress)
+    except RetrainBusy as e:
+        print(f"lineguard-hub: {e}", file=sys.stderr)
+        return 2
+    summary = (f"job {st.job_id}: {st.status}; candidate {st.candidate_version or '-'} "
+               f"(production {st.production_version or '-'})")
+    if st.status == "failed":
+        print(f"lineguard-hub: {summary}: {st.error}", file=sys.stderr)
+        return 1
+    print(summary + ("" if st.gate_passed else "; gate: " + "; ".join(st.gate_reasons)))
+    return 0 if st.status == "succeeded" else 3
+
+
 def _run(args: argparse.Namespace, config: HubConfig) -> int:
     from hub.accounts import AccountError, create_token, create_user, set_password
 
     if args.cmd == "serve":
         from hub.server import serve
 
-        return serve(config, log_level="debug" if args.verbose else "info")
+        return serve(config, log_level="debug" if args.verbose else "info", config_path=args.config)
     if args.cmd == "heads":
         if config.heads is None:
             print("lineguard-hub: heads: the config has no heads section (bundles to serve)", file=sys.stderr)
@@ -210,6 +238,8 @@ def _run(args: argparse.Namespace, config: HubConfig) -> int:
         return _with_db(config, token)
     if args.cmd == "models":
         return _with_db(config, lambda s: _models(s, args))
+    if args.cmd == "retrain":
+        return _retrain(args, config)
     if args.cmd == "export":
         from hub.blobs import FileBlobStore
         from hub.export import export_dir

@@ -42,11 +42,12 @@ from lineguard_contract.features import (
     encode_split_result,
 )
 from models.bundle import Bundle, load_bundle
+from models.detections import Detections
 from models.feature_codec import FeatureDecodeError, FeatureSpec, decode_codes
 from models.processing import postprocess
 from models.split_runtime import SplitHubRunner
 
-__all__ = ["Head", "HeadService", "load_heads"]
+__all__ = ["HEAD_ROLES", "Head", "HeadService", "load_heads"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
@@ -58,29 +59,52 @@ class Head:
 
     version: str
     spec: FeatureSpec
-    runner: Any  # .run(codes (N, C, h, w) uint8) -> raw (N, 4 + nc, anchors)
+    runner: Any  # .run(codes (N, C, h, w) uint8) -> raw (N, 4 + nc, anchors); optionally .detect(...)
     conf: float
     iou: float
     max_det: int
     input_size: tuple[int, int]
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None) -> Head:
+    def from_bundle(cls, bundle: Bundle, threads: int | None = None, *, runtime: str = "onnx",
+                    device: str = "cuda", half: bool = True) -> Head:
         split = bundle.manifest.split
         if split is None:
             raise ValueError(f"bundle {bundle.dir} has no split parts")
         spec = FeatureSpec.from_dict(split["spec"])
-        runner = SplitHubRunner(bundle.path("split_hub"), spec, version=bundle.manifest.version, threads=threads)
+        imgsz = (int(bundle.manifest.input_size[0]), int(bundle.manifest.input_size[1]))
+        runner: Any
+        if runtime == "torch":  # a GPU hub: the same part rebuilt in torch, NMS on the device
+            from models.split_torch import TorchSplitHub
+
+            runner = TorchSplitHub(bundle.path("checkpoint"), bundle.path("split_bottleneck"), spec,
+                                   version=bundle.manifest.version, imgsz=imgsz, device=device, half=half)
+        else:
+            runner = SplitHubRunner(bundle.path("split_hub"), spec, version=bundle.manifest.version, threads=threads)
         post = bundle.manifest.postprocessing
         conf = post.get("operating_conf") or post.conf  # the agent filters at its own threshold
-        return cls(bundle.manifest.version, spec, runner, float(conf), float(post.iou), int(post.max_det),
-                   tuple(bundle.manifest.input_size))  # type: ignore[arg-type]
+        return cls(bundle.manifest.version, spec, runner, float(conf), float(post.iou), int(post.max_det), imgsz)
+
+    def detect(self, codes: np.ndarray) -> list[Detections]:
+        """Boxes in model-input pixels, one :class:`Detections` per row of ``codes``."""
+        if hasattr(self.runner, "detect"):
+            return self.runner.detect(codes, conf=self.conf, iou=self.iou, max_det=self.max_det)
+        raw = self.runner.run(codes)
+        return postprocess(raw, [None] * len(codes), conf=self.conf, iou=self.iou, max_det=self.max_det)
 
 
-def load_heads(bundle_dirs: list[Path], threads: int | None = None) -> dict[str, Head]:
+#: bundle roles each head runtime reads
+HEAD_ROLES = {"onnx": ("split_hub",), "torch": ("checkpoint", "split_bottleneck")}
+
+
+def load_heads(bundle_dirs: list[Path], threads: int | None = None, *, runtime: str = "onnx",
+               device: str = "cuda", half: bool = True) -> dict[str, Head]:
+    if runtime not in HEAD_ROLES:
+        raise ValueError(f"head runtime {runtime!r}: expected one of {sorted(HEAD_ROLES)}")
     heads: dict[str, Head] = {}
     for d in bundle_dirs:
-        head = Head.from_bundle(load_bundle(d, roles=("split_hub",)), threads)
+        head = Head.from_bundle(load_bundle(d, roles=HEAD_ROLES[runtime]), threads, runtime=runtime,
+                                device=device, half=half)
         if head.version in heads:
             raise ValueError(f"two bundles with version {head.version}: {d}")
         heads[head.version] = head
@@ -200,8 +224,7 @@ class HeadService:
                 self._run_head(head, rows[start:start + self.max_batch])
 
     def _run_head(self, head: Head, rows: list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]) -> None:
-        raw = head.runner.run(np.stack([r[2] for r in rows]))
-        dets = postprocess(raw, [None] * len(rows), conf=head.conf, iou=head.iou, max_det=head.max_det)
+        dets = head.detect(np.stack([r[2] for r in rows]))
         with self._lock:
             self.batch_sizes[len(rows)] += 1
         done = time.monotonic()

@@ -101,7 +101,7 @@ def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWork
 
     hc = config.heads
     assert hc is not None
-    heads = load_heads(hc.bundles, threads=hc.threads)
+    heads = load_heads(hc.bundles, threads=hc.threads, runtime=hc.runtime, device=hc.device, half=hc.half)
 
     def factory(publish: Any) -> HeadService:
         return HeadService(heads, publish, max_batch=hc.max_batch, max_delay_ms=hc.max_delay_ms,
@@ -117,7 +117,7 @@ def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWork
     return worker
 
 
-def serve(config: HubConfig, *, log_level: str = "info") -> int:
+def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | None = None) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     if config.embedded_broker:
@@ -129,6 +129,13 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
     engine = make_engine(config.db_url)
     worker: IngestWorker | None = None
     heads: HeadMqttWorker | None = None
+    scheduler = None
+    if config.retrain is not None and config.retrain.schedule is not None:
+        from hub.retrain_worker import RetrainScheduler
+
+        scheduler = RetrainScheduler(config, config_path)
+        scheduler.start()
+        log.info("retraining scheduled: %s (UTC)", config.retrain.schedule)
     try:
         upgrade(engine)
         sessions = make_session_factory(engine)
@@ -152,6 +159,8 @@ def serve(config: HubConfig, *, log_level: str = "info") -> int:
                                                log_level=log_level, access_log=False, lifespan="off"))
         server.run()
     finally:
+        if scheduler is not None:
+            scheduler.stop()
         if heads is not None:
             heads.stop()
         if worker is not None:

@@ -40,7 +40,7 @@ class Bottleneck(nn.Module):
         if stride not in (1, 2, 4):
             raise ValueError(f"stride must be 1, 2 or 4, got {stride}")
         hidden = hidden or channels
-        self.channels, self.width, self.bits, self.stride = channels, width, bits, stride
+        self.channels, self.width, self.bits, self.stride, self.hidden = channels, width, bits, stride, hidden
         self.levels = float((1 << bits) - 1)
         self.quant_mode = "noise"  # training only: "noise" (stage 1) or "ste" (stage 2)
         enc: list[nn.Module] = [_conv(channels, hidden)]

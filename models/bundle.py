@@ -17,6 +17,8 @@ Layout::
       split_edge_int8.onnx  role split_edge_int8 (split inference: the agent's part, INT8)
       split_edge_fp32.onnx  role split_edge_fp32
       split_hub.onnx        role split_hub (the head service's part)
+      split_bottleneck.pt   role split_bottleneck (the trained bottleneck and the hub layers it tuned:
+                            the torch head on a GPU hub, and retraining)
 """
 
 from __future__ import annotations
@@ -53,17 +55,19 @@ FORMAT_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 #: Detached Ed25519 signature of manifest.json's exact bytes (models/signing.py).
 SIGNATURE_FILE = "manifest.sig"
-ROLES = ("onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub")
+ROLES = ("onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
+         "split_bottleneck")
 #: File name each role gets inside the bundle (the source file's suffix is kept).
 DEFAULT_FILE_NAMES = {"onnx_fp32": "model_fp32", "onnx_int8": "model_int8", "checkpoint": "checkpoint",
                       "split_edge_fp32": "split_edge_fp32", "split_edge_int8": "split_edge_int8",
-                      "split_hub": "split_hub"}
+                      "split_hub": "split_hub", "split_bottleneck": "split_bottleneck"}
 #: Roles a machine may lack on disk without it being an error (unless asked for explicitly): the hub
 #: does not need the edge parts, an agent neither the checkpoint nor the hub part.
-OPTIONAL_ROLES = frozenset({"checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub"})
+OPTIONAL_ROLES = frozenset({"checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub", "split_bottleneck"})
 _CHUNK = 1 << 20  # 1 MiB
 
-Role = Literal["onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub"]
+Role = Literal["onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
+               "split_bottleneck"]
 
 
 class BundleError(Exception):

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def export_bottleneck(bundle: Bundle, bottleneck: Path, out_dir: Path, data: Path, *,
-                      version: str) -> tuple[dict[str, Path], FeatureSpec, dict[str, Any], dict[str, Any]]:
+                      version: str,
+                      int8: bool = True) -> tuple[dict[str, Path], FeatureSpec, dict[str, Any], dict[str, Any]]:
     """The split parts of ``bundle``'s checkpoint with a trained bottleneck (and the hub layers it
-    tuned), as ``version``: ``(paths by role, spec, export report, training info)``."""
+    tuned), as ``version``: ``(paths by role, spec, export report, training info)``. ``int8=False``:
+    FP32 parts only (``split_edge_fp32``, ``split_hub`` unquantized; for reports)."""
     from models.offline import configure_offline, patch_ultralytics
 
     configure_offline()
@@ -46,7 +48,8 @@ def export_bottleneck(bundle: Bundle, bottleneck: Path, out_dir: Path, data: Pat
     apply_hub_tuning(model, info)
     paths, spec, report = export_split_parts(
         model, bn, info["cut"], out_dir, imgsz=(int(m.input_size[0]), int(m.input_size[1])),
-        classes=list(m.classes), version=version, calib_data=data, preprocessing=m.preprocessing.model_dump())
+        classes=list(m.classes), version=version, calib_data=data if int8 else None,
+        preprocessing=m.preprocessing.model_dump())
     return paths, spec, report, info
 
 
@@ -65,12 +68,14 @@ def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: 
             files[role] = dst
         files["checkpoint"] = bundle.path("checkpoint")
         files.update(paths)
+        files["split_bottleneck"] = bottleneck
         split = {
             "cut": info["cut"],
             "spec": spec.to_dict(),
-            "bottleneck": {k: info[k] for k in ("width", "bits", "stride", "channels", "crossing", "imgsz")},
+            "bottleneck": {k: info.get(k) for k in ("width", "bits", "stride", "hidden", "channels", "crossing",
+                                                    "imgsz")},
             "training": {k: info.get(k) for k in ("steps", "batch", "lr", "train_images", "seconds", "device",
-                                                  "tune_hub", "crop")},
+                                                  "tune_hub", "crop", "kd", "steps_done")},
             "export": report,
             "metrics": metrics or {},
         }

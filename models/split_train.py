@@ -87,11 +87,15 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
                      stride: int = 2, steps1: int = 1500, steps2: int = 1500, batch: int = 16, lr: float = 2e-3,
                      device: str = "cpu", progress: bool = True,
                      seconds: float | None = None, tune_hub: float = 0.0,
-                     crop: int | None = None) -> tuple[Bottleneck, dict[str, Any]]:
+                     crop: int | None = None, hidden: int | None = None,
+                     kd: float = 0.0) -> tuple[Bottleneck, dict[str, Any]]:
     """Train a bottleneck at ``cut`` on ``images``/``labels`` (from :func:`load_letterboxed`).
 
     ``tune_hub`` > 0 also trains the hub-side layers in stage 2 at ``lr * tune_hub`` (batch norm
     statistics stay frozen); their weights are then part of the result (``info["hub_tuned"]``).
+    ``hidden`` widens the encoder and decoder (default: the crossing map's channels). ``kd`` > 0
+    adds output distillation at that weight: binary cross-entropy of the student's class logits
+    against the teacher's probabilities plus MSE of the box-distribution logits, per anchor.
     With ``seconds``, the step counts are scaled (keeping their ratio) so that training takes
     about that long, from the time of steps 5 to 25."""
     dev = torch.device(device)
@@ -107,7 +111,7 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     edge, hub = EdgePart(layers, cut, [cut]).eval(), HubPart(layers, cut, [cut]).eval()
     # the teacher's hub side stays as it is even when the student's hub layers are tuned
     teacher_hub = HubPart(copy.deepcopy(layers), cut, [cut]).eval() if tune_hub > 0 else hub
-    bn = Bottleneck(c, width, bits, stride).to(dev).train()
+    bn = Bottleneck(c, width, bits, stride, hidden).to(dev).train()
     from ultralytics.utils.loss import v8DetectionLoss
 
     crit = v8DetectionLoss(det)
@@ -135,6 +139,10 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
             total = steps1 + steps2
             bar.total = total
             log.info("cut %d width %d: %.0f ms/step -> %d + %d steps", cut, width, per * 1e3, steps1, steps2)
+        if seconds and step > 25 and time.perf_counter() - t0 > 1.25 * seconds:  # step time grew (shared GPU)
+            log.warning("cut %d width %d: past 1.25x the %.0f s budget at step %d of %d: stopping here",
+                        cut, width, seconds, step, total)
+            break
         idx = rng.choice(len(images), batch, replace=False)
         x = gpu_images[torch.from_numpy(idx).to(dev)].permute(0, 3, 1, 2).float() / 255
         labs = [labels[j].copy() for j in idx]
@@ -156,6 +164,9 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
         _, s_preds = hub(f_hat)
         fm = F.mse_loss(f_hat, f) + sum(F.mse_loss(a, b) for a, b in zip(s_preds["feats"], t_preds["feats"],
                                                                           strict=True))
+        if kd > 0:
+            fm = fm + kd * (F.binary_cross_entropy_with_logits(s_preds["scores"], t_preds["scores"].sigmoid())
+                            + 0.1 * F.mse_loss(s_preds["boxes"], t_preds["boxes"]))
         loss = fm
         det_loss = torch.zeros((), device=dev)
         if step == steps1:  # stage 2: exact rounding (straight-through), optionally the hub layers too
@@ -188,8 +199,9 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     for p in det.parameters():
         p.requires_grad_(False)
     spec = spec_for(cut, bn, (c, h, w))
-    info = {"cut": cut, "width": width, "bits": bits, "stride": stride, "channels": c, "crossing": [c, h, w],
-            "imgsz": list(imgsz), "steps": [steps1, steps2], "device": device, "batch": batch, "lr": lr,
+    info = {"cut": cut, "width": width, "bits": bits, "stride": stride, "hidden": bn.hidden, "kd": kd, "channels": c,
+            "crossing": [c, h, w], "imgsz": list(imgsz), "steps": [steps1, steps2], "steps_done": step,
+            "device": device, "batch": batch, "lr": lr,
             "train_images": len(images),
             "seconds": round(time.perf_counter() - t0, 1), "spec": spec.to_dict(), "history": history,
             "tune_hub": tune_hub, "crop": crop}
@@ -202,18 +214,22 @@ def save_bottleneck(path: Path, bn: Bottleneck, info: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     meta = {k: v for k, v in info.items() if k != "hub_tuned"}
-    torch.save({"info": meta, "state_dict": bn.state_dict(), "hub_layers": info.get("hub_tuned")}, tmp)
+    hub = info.get("hub_tuned")
+    if hub is not None:  # FP16 like Ultralytics' checkpoints: half the bytes; exports are made from these values
+        hub = {k: v.half() if v.is_floating_point() else v for k, v in hub.items()}
+    torch.save({"info": meta, "state_dict": bn.state_dict(), "hub_layers": hub}, tmp)
     tmp.replace(path)
     return path
 
 
 def load_bottleneck(path: Path) -> tuple[Bottleneck, dict[str, Any]]:
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
     info = raw["info"]
-    bn = Bottleneck(info["channels"], info["width"], info["bits"], info["stride"])
+    bn = Bottleneck(info["channels"], info["width"], info["bits"], info["stride"], info.get("hidden"))
     bn.load_state_dict(raw["state_dict"])
     if raw.get("hub_layers") is not None:
-        info = {**info, "hub_tuned": raw["hub_layers"]}
+        hub = raw["hub_layers"]
+        info = {**info, "hub_tuned": {k: v.float() if v.is_floating_point() else v for k, v in hub.items()}}
     return bn.eval(), info
 
 
@@ -231,13 +247,14 @@ def main() -> int:
     ap.add_argument("--checkpoint", type=Path, default=Path("models/default/checkpoint.pt"))
     ap.add_argument("--data", type=Path, default=Path("data/synth"))
     ap.add_argument("--imgsz", default="544x960")
-    ap.add_argument("--configs", nargs="+", default=["4:8:4"], help="cut:width:bits[:stride] ...")
+    ap.add_argument("--configs", nargs="+", default=["4:8:4"], help="cut:width:bits[:stride[:hidden]] ...")
     ap.add_argument("--images", type=int, default=2000, help="training images (a random subset)")
     ap.add_argument("--steps1", type=int, default=1500)
     ap.add_argument("--steps2", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--crop", type=int, default=None, help="train on random square crops of this size (CPU)")
     ap.add_argument("--tune-hub", type=float, default=0.0, help="stage 2 also trains the hub layers at lr x this")
+    ap.add_argument("--kd", type=float, default=0.0, help="output distillation weight (0: off)")
     ap.add_argument("--seconds", type=float, default=None, help="about this long per config (scales the steps)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/split"))
@@ -255,11 +272,14 @@ def main() -> int:
         parts = [int(v) for v in cfg.split(":")]
         cut, width, bits = parts[:3]
         stride = parts[3] if len(parts) > 3 else 2
+        hidden = parts[4] if len(parts) > 4 else None
         model = YOLO(str(args.checkpoint), task="detect").model
         bn, info = train_bottleneck(model, images, labels, cut=cut, width=width, bits=bits, stride=stride,
                                     steps1=args.steps1, steps2=args.steps2, batch=args.batch, device=args.device,
-                                    seconds=args.seconds, tune_hub=args.tune_hub, crop=args.crop)
-        tag = f"c{cut}w{width}b{bits}s{stride}" + ("t" if args.tune_hub else "")
+                                    seconds=args.seconds, tune_hub=args.tune_hub, crop=args.crop, hidden=hidden,
+                                    kd=args.kd)
+        tag = (f"c{cut}w{width}b{bits}s{stride}" + (f"h{hidden}" if hidden else "") + ("t" if args.tune_hub else "")
+               + ("k" if args.kd else ""))
         out = save_bottleneck(args.out / f"{tag}.pt", bn, info)
         log.info("%s: %.0f s, last feature mse %.4f det %.3f", out, info["seconds"], info["history"][-1]["feature_mse"],
                  info["history"][-1]["det_loss"])

@@ -63,6 +63,19 @@ PRESETS: dict[str, TrainPreset] = {
         overrides={**_AUGMENT, "patience": 30, "cos_lr": True, "optimizer": "AdamW", "lr0": 0.0005,
                    "lrf": 0.05, "warmup_epochs": 1},
     ),
+    # The hub's incremental retraining (hub/retrain.py): from the production checkpoint, on the
+    # reviewed samples plus a replay buffer, at a low learning rate so old classes are kept.
+    "retrain": TrainPreset(
+        name="retrain", imgsz=960, epochs=10, batch=16,
+        overrides={**_AUGMENT, "close_mosaic": 3, "optimizer": "AdamW", "lr0": 0.0005, "lrf": 0.1,
+                   "warmup_epochs": 0.5, "patience": 0, "plots": False},
+    ),
+    # Retraining at CI scale (tests): one epoch at 160 px.
+    "retrain-ci": TrainPreset(
+        name="retrain-ci", imgsz=160, epochs=1, batch=4,
+        overrides={**_AUGMENT, "mosaic": 0.0, "close_mosaic": 0, "plots": False, "val": False,
+                   "optimizer": "AdamW", "lr0": 0.0005, "warmup_epochs": 0},
+    ),
     # A quick model for tests and CI: a few minutes on 2 CPU cores.
     "ci": TrainPreset(
         name="ci",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
@@ -21,8 +21,8 @@ from lineguard_contract import MAX_PAYLOAD_BYTES
 from lineguard_contract.connection import BrokerSettings, describe_validation_error, read_yaml_mapping
 from lineguard_contract.topics import SEGMENT_PATTERN
 
-__all__ = ["ConfigError", "HubConfig", "HubHeadsConfig", "HubHttpConfig", "HubMqttConfig", "build_config",
-           "load_config"]
+__all__ = ["ConfigError", "HubConfig", "HubHeadsConfig", "HubHttpConfig", "HubMqttConfig", "HubRetrainConfig",
+           "build_config", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -60,9 +60,45 @@ class HubHeadsConfig(BaseModel):
     max_batch: int = Field(32, ge=1, le=256, description="frames per head run at most")
     max_delay_ms: float = Field(5.0, ge=0, le=100, description="wait for a fuller batch once one frame is there")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")
+    runtime: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx: the bundle's split_hub with ONNX Runtime; torch: rebuilt from the checkpoint and "
+                            "split_bottleneck in torch, NMS on the device (a GPU hub; needs the train extra)")
+    device: str = Field("cuda", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch runtime only")
+    half: bool = Field(True, description="torch runtime on CUDA: FP16 autocast")
     group: str = Field("lineguard-heads", pattern=SEGMENT_PATTERN,
                        description="$share group: head processes of one group split the frames")
     dead_letter_keep: int = Field(1000, ge=0, description="undecodable feature messages kept in data_dir")
+
+
+class HubRetrainConfig(BaseModel):
+    """Incremental retraining (issue 6; hub/retrain.py); absent: no retraining on this hub."""
+
+    model_config = ConfigDict(extra="forbid")
+    schedule: str | None = Field("0 2 * * mon", description="cron (UTC) for `serve` to start a job; null: manual only")
+    golden: Path = Field(description="the fixed golden dataset (a val split) the gate scores every candidate on")
+    replay_data: Path | None = Field(None, description="earlier training data; a replay buffer is drawn from it")
+    replay_images: int = Field(600, ge=0, description="replay buffer size (training images)")
+    preset: str = Field("retrain", pattern=r"^retrain(-ci)?$", description="models/train.py preset")
+    epochs: int | None = Field(None, ge=1, description="override the preset's epochs")
+    hours: float | None = Field(None, gt=0, description="cap the training's wall time")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|\d+)$", description="default: Ultralytics' choice")
+    workers: int = Field(2, ge=0, description="data loader workers")
+    min_reviewed: int = Field(50, ge=1, description="do not retrain on fewer reviewed samples")
+    val_share: float = Field(0.2, gt=0, lt=1, description="reviewed samples held out as the gate's new data")
+    signing_key_file: Path | None = Field(None, description="Ed25519 private key (PEM); default "
+                                                            "$LINEGUARD_SIGNING_KEY_FILE")
+    max_recall_drop_points: float = Field(1.0, ge=0, le=100, description="gate: per class on the golden set")
+    min_new_data_gain_points: float = Field(0.0, ge=-100, le=100,
+                                            description="gate: candidate mAP50 minus production's on the new data")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            from hub.schedule import CronSchedule
+
+            CronSchedule.parse(v)  # CronError (a ValueError) names the bad field
+        return v
 
 
 class HubConfig(BaseModel):
@@ -76,6 +112,7 @@ class HubConfig(BaseModel):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/hub.sqlite3")
     mqtt: HubMqttConfig = HubMqttConfig()
     heads: HubHeadsConfig | None = None
+    retrain: HubRetrainConfig | None = None
     max_payload_bytes: int = Field(MAX_PAYLOAD_BYTES, ge=1024, le=MAX_PAYLOAD_BYTES,
                                    description="larger messages go to dead letters unparsed")
 

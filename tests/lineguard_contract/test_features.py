@@ -46,7 +46,7 @@ GOOD_HEAD = HEADER.model_dump_json().encode()
     (struct.pack(">3sBH", b"LGF", 2, 2) + b"{}" + CODES, "schema_version", "2 is not 1"),
     (struct.pack(">3sBH", b"LGF", 1, 9000) + GOOD_HEAD, "", "runs past"),
     (_with_header(b"not json"), "", "not valid JSON"),
-    (_with_header(GOOD_HEAD.replace(b'"bits":4', b'"bits":3')), "bits", ""),
+    (_with_header(GOOD_HEAD.replace(b'"bits":4', b'"bits":3')), "bits", "should be 1, 2, 4 or 8"),
     (_with_header(GOOD_HEAD.replace(b'"cut":4', b'"cut":4,"extra":1')), "extra", "not a field"),
     (_with_header(json.dumps({k: v for k, v in json.loads(GOOD_HEAD).items() if k != "bundle_version"}).encode()),
      "bundle_version", "missing"),

@@ -146,4 +146,4 @@ def test_agent_refuses_an_unsigned_bundle_when_keys_are_configured(keys: tuple[P
         Agent(cfg, transport=MemoryTransport())
     sign_bundle(copy, load_private_key(keys[0]))
     agent = Agent(cfg, transport=MemoryTransport())
-    assert agent.detector.version == "1.1.0"
+    assert agent.detector.version == json.loads((copy / "manifest.json").read_text())["version"]

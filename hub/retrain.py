@@ -1,0 +1,409 @@
+"""Retraining (issue 6): from the reviewed samples to a gated, signed, registered candidate bundle.
+
+A job is a directory under ``<data_dir>/retrain/<job id>/`` holding ``state.json`` (written
+atomically after every step) and every step's output, so that a job killed at any point resumes
+where it stopped: finished steps are skipped, training continues from Ultralytics' ``last.pt``.
+One job runs at a time (an exclusive ``flock`` on ``<data_dir>/retrain/.lock``; a second runner
+gets :class:`RetrainBusy`). Steps:
+
+1. ``snapshot``: the production model and the reviewed samples (confirmed and rejected) now.
+2. ``dataset``: the reviewed samples as a YOLO dataset (the production model's classes first,
+   classes reviewers added after them: a new defect class gets the next id), plus a replay buffer
+   of ``replay_images`` earlier images (the dataset the production model was trained on), so that
+   old classes are not forgotten.
+3. ``train``: Ultralytics, starting from the production checkpoint (a new class: the class head is
+   resized and the other weights carried over by Ultralytics).
+4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
+   (:func:`models.release.release_bundle`), version = production's minor + 1.
+5. ``gate``: candidate and production scored on the golden set and on the new reviewed data
+   (:mod:`hub.gate`); the report lands in the job directory and in the bundle directory.
+6. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
+7. ``register``: in the model registry as ``candidate`` (passed) or ``rejected`` (failed), with the
+   training data snapshot and the gate's figures.
+
+Not yet here (issue 6, next): rebuilding the split parts for the new weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from hub.blobs import BlobStore
+from hub.gate import GateRule, Scored, decide, fingerprint, score, write_report
+from hub.tables import Sample
+
+__all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "next_version"]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("snapshot", "dataset", "train", "release", "gate", "sign", "register")
+
+
+class RetrainError(RuntimeError):
+    """A job that cannot go on; the message says which step and why."""
+
+
+class RetrainBusy(RetrainError):
+    """Another retraining job holds the lock."""
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    golden: Path  # a dataset directory with a val split; never changes between retrainings
+    bundles_dir: Path  # new bundles are written to bundles_dir/<version>
+    signing_key: Path | None  # Ed25519 private key (PEM)
+    replay_data: Path | None = None
+    replay_images: int = 600
+    preset: str = "retrain"
+    epochs: int | None = None
+    hours: float | None = None
+    device: str | None = None
+    workers: int = 2
+    val_share: float = 0.2
+    min_reviewed: int = 1
+    rule: GateRule = field(default_factory=GateRule)
+
+
+@dataclass
+class JobState:
+    job_id: str
+    trigger: str  # manual | schedule
+    requested_by: str
+    status: str = "queued"  # queued | running | succeeded | rejected | failed
+    step: str | None = None
+    steps_done: list[str] = field(default_factory=list)
+    created_at: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    production_version: str | None = None
+    candidate_version: str | None = None
+    gate_passed: bool | None = None
+    gate_reasons: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> JobState:
+        return cls(**json.loads(path.read_text()))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def next_version(versions: list[str]) -> str:
+    """Minor + 1 over the highest ``MAJOR.MINOR.PATCH`` in ``versions``."""
+    parsed = [tuple(int(p) for p in v.split(".")) for v in versions]
+    major, minor, _ = max(parsed) if parsed else (1, -1, 0)
+    return f"{major}.{minor + 1}.0"
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RetrainBusy(f"another retraining job holds {lock}") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _mapped(predict: Callable[..., Any], model_names: list[str], dataset_names: list[str]) -> Callable[..., Any]:
+    """Detections of a model in a dataset's class ids (by name); classes the dataset lacks dropped."""
+    to = {i: dataset_names.index(n) for i, n in enumerate(model_names) if n in dataset_names}
+    if all(to.get(i) == i for i in range(len(model_names))):
+        return predict
+    import numpy as np
+
+    def run(frames: list[Any], **kw: Any) -> list[Any]:
+        out = []
+        for d in predict(frames, **kw):
+            keep = np.array([int(c) in to for c in d.class_ids], bool)
+            d = d[keep]
+            d.class_ids[:] = [to[int(c)] for c in d.class_ids]
+            out.append(d)
+        return out
+
+    return run
+
+
+class RetrainJob:
+    """``RetrainJob.create(root, ...)`` then ``run()``; ``RetrainJob(root / job_id, ...)`` resumes one."""
+
+    def __init__(self, work: Path, settings: RetrainSettings, sessions: sessionmaker[Session], blobs: BlobStore,
+                 on_step: Callable[[JobState], None] | None = None) -> None:
+        self.work, self.settings, self.sessions, self.blobs = Path(work), settings, sessions, blobs
+        self.on_step = on_step
+        self.state = JobState.read(self.work / "state.json")
+
+    @classmethod
+    def create(cls, root: Path, settings: RetrainSettings, sessions: sessionmaker[Session], blobs: BlobStore, *,
+               trigger: str = "manual", requested_by: str = "cli", **kw: Any) -> RetrainJob:
+        job_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{random.randrange(16**4):04x}"
+        work = Path(root) / job_id
+        work.mkdir(parents=True)
+        _write_json(work / "state.json", asdict(JobState(job_id, trigger, requested_by, created_at=_now())))
+        return cls(work, settings, sessions, blobs, **kw)
+
+    @staticmethod
+    def unfinished(root: Path) -> list[Path]:
+        """Job directories whose state is queued or running (a crash leaves ``running``), oldest first."""
+        out = []
+        for st in sorted(Path(root).glob("*/state.json")):
+            if JobState.read(st).status in ("queued", "running"):
+                out.append(st.parent)
+        return out
+
+    def _save(self) -> None:
+        _write_json(self.work / "state.json", asdict(self.state))
+        if self.on_step:
+            self.on_step(self.state)
+
+    def run(self) -> JobState:
+        with _exclusive(self.work.parent / ".lock"):
+            st = self.state
+            if st.status in ("succeeded", "rejected", "failed"):
+                return st
+            st.status, st.started_at, st.error = "running", st.started_at or _now(), None
+            self._save()
+            try:
+                for step in STEPS:
+                    if step in st.steps_done:
+                        continue
+                    st.step = step
+                    self._save()
+                    t0 = time.perf_counter()
+                    log.info("retrain %s: %s", st.job_id, step)
+                    getattr(self, f"_step_{step}")()
+                    st.seconds[step] = round(time.perf_counter() - t0, 1)
+                    st.steps_done.append(step)
+                    self._save()
+                st.status = "succeeded" if st.gate_passed else "rejected"
+            except Exception as e:
+                st.status, st.error = "failed", f"{st.step}: {type(e).__name__}: {e}"
+                log.exception("retrain %s failed at %s", st.job_id, st.step)
+            st.finished_at = _now()
+            self._save()
+            return st
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        return json.loads((self.work / "snapshot.json").read_text())
+
+    def _step_snapshot(self) -> None:
+        from hub.registry import production
+
+        with self.sessions() as s:
+            prod = production(s)
+            if prod is None:
+                raise RetrainError("no production model in the registry: register the first one with "
+                                   "'lineguard-hub models register --production'")
+            rows = s.execute(select(Sample.id, Sample.sample_id)
+                             .where(Sample.status.in_(("confirmed", "rejected"))).order_by(Sample.id)).all()
+        if len(rows) < self.settings.min_reviewed:
+            raise RetrainError(f"{len(rows)} reviewed samples; retraining needs at least {self.settings.min_reviewed}")
+        from models.bundle import load_bundle
+
+        bundle = load_bundle(Path(prod.bundle_path), roles=("checkpoint",))
+        self.state.production_version = prod.version
+        _write_json(self.work / "snapshot.json", {
+            "production_version": prod.version, "production_bundle": prod.bundle_path,
+            "classes": list(bundle.manifest.classes), "input_size": list(bundle.manifest.input_size),
+            "sample_pks": [r[0] for r in rows], "sample_ids": [r[1] for r in rows]})
+
+    def _step_dataset(self) -> None:
+        from hub.export import export_dir
+
+        snap = self._snapshot()
+        reviewed = self.work / "reviewed"
+        shutil.rmtree(reviewed, ignore_errors=True)  # a half-written export from a crash
+        with self.sessions() as s:
+            export_dir(s, self.blobs, reviewed, classes=snap["classes"], val_share=self.settings.val_share)
+        names = list(yaml.safe_load((reviewed / "data.yaml").read_text())["names"].values())
+        out = self.work / "train_data"
+        tmp = self.work / "train_data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        counts: dict[str, dict[str, int]] = {"reviewed": {}, "replay": {}}
+        for split in ("train", "val"):
+            counts["reviewed"][split] = _copy_split(reviewed, split, tmp, names, names)
+        if self.settings.replay_data is not None:
+            replay = Path(self.settings.replay_data)
+            rnames = _names(replay)
+            unknown = [n for n in rnames if n not in names]
+            if unknown:
+                raise RetrainError(f"replay data {replay} has classes {unknown} the model does not know")
+            for split, share in (("train", 1.0), ("val", 0.25)):
+                counts["replay"][split] = _copy_split(replay, split, tmp, rnames, names,
+                                                      limit=int(self.settings.replay_images * share), prefix="replay_")
+        (tmp / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
+                                                       "names": dict(enumerate(names))}, sort_keys=False))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        _write_json(self.work / "dataset.json", {"names": names, "counts": counts})
+        if not counts["reviewed"]["train"] and not counts["replay"].get("train"):
+            raise RetrainError("no training images")
+
+    def _step_train(self) -> None:
+        from models.bundle import load_bundle
+        from models.train import PRESETS, train
+
+        snap = self._snapshot()
+        runs = self.work / "runs"
+        preset = PRESETS[self.settings.preset]
+        last = runs / preset.name / "weights" / "last.pt"
+        if last.exists():
+            log.info("retrain %s: resuming training from %s", self.state.job_id, last)
+            result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs, resume=True)
+        else:
+            ckpt = load_bundle(Path(snap["production_bundle"]), roles=("checkpoint",)).path("checkpoint")
+            result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
+                           weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
+                           device=self.settings.device, workers=self.settings.workers)
+        _write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
+
+    def _step_release(self) -> None:
+        from hub.registry import list_versions
+        from models.release import release_bundle
+
+        snap = self._snapshot()
+        with self.sessions() as s:
+            version = next_version([m.version for m in list_versions(s)])
+        ckpt = Path(json.loads((self.work / "train.json").read_text())["checkpoint"])
+        out = Path(self.settings.bundles_dir) / version
+        release_bundle(ckpt, self.work / "train_data", out, version=version,
+                       parent_version=snap["production_version"],
+                       imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True, progress=False)
+        self.state.candidate_version = version
+
+    def _score_pair(self, dataset: Any, cand: Any, prod: Any) -> tuple[Scored, Scored]:
+        from models.onnx_predict import OnnxPredictor
+
+        out = []
+        for b in (cand, prod):
+            m = b.manifest
+            predict = _mapped(OnnxPredictor(b.path("onnx_int8"), multi_label=True), list(m.classes),
+                              list(dataset.names))
+            conf = float(m.postprocessing.get("operating_conf") or m.postprocessing.conf)
+            out.append(score(predict, dataset, "val", conf, iou=self.settings.rule.iou))
+        return out[0], out[1]
+
+    def _step_gate(self) -> None:
+        from models.bundle import load_bundle
+        from models.dataset_io import load_dataset
+
+        snap = self._snapshot()
+        assert self.state.candidate_version
+        cand_dir = Path(self.settings.bundles_dir) / self.state.candidate_version
+        cand = load_bundle(cand_dir, roles=("onnx_int8",))
+        prod = load_bundle(Path(snap["production_bundle"]), roles=("onnx_int8",))
+        golden = load_dataset(Path(self.settings.golden), splits=["val"])
+        g = self._score_pair(golden, cand, prod)
+        new = None
+        reviewed = load_dataset(self.work / "reviewed", splits=["val"])
+        if reviewed.split("val"):
+            new = self._score_pair(reviewed, cand, prod)
+        result = decide(self.settings.rule, g[0], g[1], *(new or (None, None)))
+        report = write_report(self.work / "gate", result, candidate=cand.manifest.version,
+                              production=prod.manifest.version, golden_fingerprint=fingerprint(self.settings.golden),
+                              golden=g, new=new, rule=self.settings.rule)
+        shutil.copytree(self.work / "gate", cand_dir.parent / f"{cand_dir.name}.gate", dirs_exist_ok=True)
+        self.state.gate_passed, self.state.gate_reasons = result.passed, result.reasons
+        log.info("retrain %s: gate %s for %s (%s)", self.state.job_id, "passed" if result.passed else "FAILED",
+                 cand.manifest.version, report)
+
+    def _step_sign(self) -> None:
+        if not self.state.gate_passed:
+            log.info("retrain %s: gate failed: %s is not signed", self.state.job_id, self.state.candidate_version)
+            return
+        from models.signing import load_private_key, sign_bundle
+
+        key = self.settings.signing_key
+        if key is None:
+            raise RetrainError("no signing key: set retrain.signing_key_file (or LINEGUARD_SIGNING_KEY_FILE)")
+        assert self.state.candidate_version
+        sign_bundle(Path(self.settings.bundles_dir) / self.state.candidate_version, load_private_key(key))
+
+    def _step_register(self) -> None:
+        from hub.registry import RegistryError, get, register, set_status
+
+        snap = self._snapshot()
+        v = self.state.candidate_version
+        assert v
+        gate = json.loads((self.work / "gate" / "gate.json").read_text())
+        metrics = {"gate": {"passed": gate["passed"], "reasons": gate["reasons"], "checks": gate["checks"],
+                            "golden_fingerprint": gate["golden_fingerprint"]},
+                   "job": self.state.job_id}
+        with self.sessions.begin() as s:
+            try:
+                info = get(s, v)  # registered before a crash
+            except RegistryError:
+                info = register(s, Path(self.settings.bundles_dir) / v, actor="retrain",
+                                data_snapshot=snap["sample_pks"], metrics=metrics)
+            if not self.state.gate_passed and info.status == "candidate":
+                set_status(s, v, "rejected", actor="gate", reason="; ".join(self.state.gate_reasons))
+
+
+def _names(root: Path) -> list[str]:
+    raw = yaml.safe_load((root / "data.yaml").read_text())["names"]
+    return list(raw.values()) if isinstance(raw, dict) else list(raw)
+
+
+def _copy_split(src: Path, split: str, dst: Path, src_names: list[str], dst_names: list[str], *,
+                limit: int | None = None, prefix: str = "") -> int:
+    """Images of ``src``'s ``split`` (and their labels, class ids remapped by name) into ``dst``."""
+    images = sorted(p for p in (src / "images" / split).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if limit is not None and len(images) > limit:
+        images = sorted(random.Random(0).sample(images, limit))
+    remap = {i: dst_names.index(n) for i, n in enumerate(src_names)}
+    (dst / "images" / split).mkdir(parents=True, exist_ok=True)
+    (dst / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for img in images:
+        shutil.copyfile(img, dst / "images" / split / f"{prefix}{img.name}")
+        lab = src / "labels" / split / f"{img.stem}.txt"
+        lines = []
+        if lab.exists():
+            for line in lab.read_text().splitlines():
+                if line.strip():
+                    c, *rest = line.split()
+                    lines.append(" ".join([str(remap[int(c)]), *rest]))
+        (dst / "labels" / split / f"{prefix}{img.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        parts = src / "parts" / split / f"{img.stem}.json"
+        if parts.exists():
+            (dst / "parts" / split).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(parts, dst / "parts" / split / f"{prefix}{img.stem}.json")
+    return len(images)

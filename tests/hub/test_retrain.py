@@ -1,0 +1,205 @@
+"""Retraining at CI scale: reviewed samples in the hub database (a new defect class among them)
+-> dataset with a replay buffer -> training from the production checkpoint -> INT8 bundle ->
+gate -> signature -> registry. A failing gate never signs; a job resumes after its process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("ultralytics")
+
+from hub.gate import GateRule  # noqa: E402
+from hub.registry import get, list_versions, register  # noqa: E402
+from hub.retrain import STEPS, RetrainBusy, RetrainJob, RetrainSettings, _exclusive, next_version  # noqa: E402
+from hub.review import Box, add_class, apply_review  # noqa: E402
+from hub.tables import Sample, User  # noqa: E402
+from models.bundle import load_bundle  # noqa: E402
+from models.signing import generate_keypair, load_public_keys, verify_bundle  # noqa: E402
+from models.taxonomy import DEFAULT_CLASSES  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _dataset(root: Path, splits: dict[str, int], seed: int) -> Path:
+    names = list(DEFAULT_CLASSES)
+    rng = np.random.default_rng(seed)
+    for split, n in splits.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((160, 160, 3), 120, np.uint8)
+            c = int(rng.integers(0, len(names)))
+            x, y = (int(v) for v in rng.integers(20, 120, 2))
+            cv2.rectangle(img, (x, y), (x + 24, y + 16), (40 * c, 200 - 40 * c, 90), -1)
+            cv2.imwrite(str(root / "images" / split / f"{split}{i:03d}.jpg"), img)
+            (root / "labels" / split / f"{split}{i:03d}.txt").write_text(
+                f"{c} {(x + 12) / 160:.5f} {(y + 8) / 160:.5f} {24 / 160:.5f} {16 / 160:.5f}\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), **{s: f"images/{s}" for s in splits},
+                                                    "names": dict(enumerate(names))}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def production_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models import quantize as q
+    from models.export import build_bundle, make_dev_checkpoint
+
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo_cfg")))
+    root = tmp_path_factory.mktemp("prod")
+    ds = _dataset(root / "ds", {"train": 6, "val": 3}, seed=1)
+    ckpt = make_dev_checkpoint(root / "dev.pt", bn_frames=q.load_frames(q.list_dataset_images(ds)[:4]), imgsz=160)
+    build_bundle(ckpt, root / "1.0.0", ds, version="1.0.0", imgsz=160, calib_images=4, sensitivity_frames=2)
+    return root / "1.0.0"
+
+
+def _reviewed_hub(hub_store: Any, sample_factory: Any, production_bundle: Path) -> Any:
+    """14 samples, 13 reviewed (confirmed with boxes of old classes and of the new class burr, or
+    rejected), 1 left unreviewed; production = the dev bundle 1.0.0."""
+    hub_store.add_users("pw-long-enough-1", rita="reviewer")
+    hub_store.ingest([sample_factory(seed=i, n_dets=1) for i in range(14)])
+    with hub_store.sessions.begin() as s:
+        register(s, production_bundle, actor="test", status="production")
+        for name in DEFAULT_CLASSES:
+            if name != "scratch":  # scratch is known from the samples' detections
+                add_class(s, name, by="rita")
+        add_class(s, "burr", by="rita")  # a defect class the production model never saw
+        uid = s.query(User).filter_by(username="rita").one().id
+        for k, smp in enumerate(s.query(Sample).order_by(Sample.id).all()):
+            if k == 13:
+                continue  # stays unreviewed: not trained on
+            if k % 4 == 3:
+                apply_review(s, smp, user_id=uid, username="rita", action="reject")
+            else:
+                cls = "burr" if k % 2 else DEFAULT_CLASSES[k % len(DEFAULT_CLASSES)]
+                apply_review(s, smp, user_id=uid, username="rita", action="confirm",
+                             boxes=[Box(cls, 8.0, 6.0, 40.0, 30.0)])
+    return hub_store
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, production_bundle: Path,
+                                   tmp_path: Path) -> None:
+    _reviewed_hub(hub_store, sample_factory, production_bundle)
+    priv, pub = generate_keypair(tmp_path / "keys")
+    golden = _dataset(tmp_path / "golden", {"val": 4}, seed=2)
+    replay = _dataset(tmp_path / "replay", {"train": 8, "val": 4}, seed=3)
+
+    def settings(rule: GateRule) -> RetrainSettings:
+        return RetrainSettings(golden=golden, bundles_dir=tmp_path / "bundles", signing_key=priv, replay_data=replay,
+                               replay_images=8, preset="retrain-ci", workers=0, rule=rule)
+
+    root = tmp_path / "jobs"
+    # 1. an impossible rule: the candidate is built, scored, registered as rejected, never signed
+    seen: list[str] = []
+    job = RetrainJob.create(root, settings(GateRule(min_new_data_gain=1.0)), hub_store.sessions, hub_store.blobs,
+                            on_step=lambda st: seen.append(st.step or ""))
+    st = job.run()
+    assert st.status == "rejected" and st.gate_passed is False and st.steps_done == list(STEPS), st
+    assert st.candidate_version == "1.1.0" and st.production_version == "1.0.0"
+    assert "does not beat production" in st.gate_reasons[0]
+    assert [s for s in dict.fromkeys(seen) if s] == list(STEPS)
+    rejected = tmp_path / "bundles" / "1.1.0"
+    assert not (rejected / "manifest.sig").exists()
+    with hub_store.sessions() as s:
+        info = get(s, "1.1.0")
+        assert info.status == "rejected" and info.parent_version == "1.0.0"
+        assert len(info.data_snapshot) == 13  # the reviewed samples, not the unreviewed one
+    trained = Path(json.loads((job.work / "train.json").read_text())["checkpoint"])
+    assert trained.is_file() and trained.parent.parent.parent == job.work / "runs"  # trained here, from 1.0.0
+    data = json.loads((job.work / "dataset.json").read_text())
+    assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
+    assert data["counts"]["replay"]["train"] == 8 and sum(data["counts"]["reviewed"].values()) == 13
+    m = load_bundle(rejected, roles=("onnx_int8",)).manifest
+    assert list(m.classes) == [*DEFAULT_CLASSES, "burr"] and list(m.input_size) == [160, 160]
+    gate = json.loads((job.work / "gate" / "gate.json").read_text())
+    assert gate["candidate"] == "1.1.0" and gate["new_data"] is not None
+    assert len(gate["golden"]["candidate"]["confusion"]) == len(DEFAULT_CLASSES) + 1  # golden set: old classes
+    assert (job.work / "gate" / "confusion.png").stat().st_size > 1000
+
+    # 2. a permissive rule: signed with the hub's key, registered as a candidate, next version
+    st2 = RetrainJob.create(root, settings(GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0)),
+                            hub_store.sessions, hub_store.blobs).run()
+    assert st2.status == "succeeded" and st2.candidate_version == "1.2.0", st2
+    verify_bundle(tmp_path / "bundles" / "1.2.0", load_public_keys([pub]))
+    with hub_store.sessions() as s:
+        assert [(v.version, v.status) for v in list_versions(s)] == [
+            ("1.0.0", "production"), ("1.1.0", "rejected"), ("1.2.0", "candidate")]
+    assert RetrainJob.unfinished(root) == []
+
+
+def test_one_job_at_a_time(tmp_path: Path) -> None:
+    with _exclusive(tmp_path / ".lock"), pytest.raises(RetrainBusy, match="another retraining job"), \
+            _exclusive(tmp_path / ".lock"):
+        pass
+    with _exclusive(tmp_path / ".lock"):  # released
+        pass
+
+
+@pytest.mark.parametrize(("versions", "expected"), [([], "1.0.0"), (["1.0.0"], "1.1.0"),
+                                                    (["1.2.0", "1.10.0", "1.9.3"], "1.11.0"), (["2.0.1"], "2.1.0")])
+def test_next_version(versions: list[str], expected: str) -> None:
+    assert next_version(versions) == expected
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_kill_9_mid_training_resumes_the_same_job(hub_store: Any, sample_factory: Any, production_bundle: Path,
+                                                 tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hub.core.config import load_config
+    from hub.retrain_worker import jobs_root, run_retrain
+
+    _reviewed_hub(hub_store, sample_factory, production_bundle)
+    priv, pub = generate_keypair(tmp_path / "keys")
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data_dir": str(hub_store.config.data_dir), "database_url": hub_store.config.db_url,
+        "mqtt": {"url": "mqtt://127.0.0.1:1"},
+        "retrain": {"golden": str(_dataset(tmp_path / "golden", {"val": 4}, seed=2)),
+                    "replay_data": str(_dataset(tmp_path / "replay", {"train": 8, "val": 4}, seed=3)),
+                    "replay_images": 8, "preset": "retrain-ci", "workers": 0, "min_reviewed": 1,
+                    "signing_key_file": str(priv), "max_recall_drop_points": 100, "min_new_data_gain_points": -100}}))
+    root = jobs_root(load_config(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "retrain", "-c", str(cfg), "--no-progress"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    state = None
+    while time.monotonic() < deadline:
+        states = list(root.glob("*/state.json")) if root.exists() else []
+        if states and json.loads(states[0].read_text()).get("step") == "train":
+            state = states[0]
+            break
+        assert proc.poll() is None, "the job ended before training started"
+        time.sleep(0.05)
+    assert state is not None, "training never started"
+    time.sleep(1.0)  # inside the training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(state.read_text())
+    assert before["status"] == "running" and before["steps_done"] == ["snapshot", "dataset"], before
+    dataset_mtime = (state.parent / "dataset.json").stat().st_mtime_ns
+
+    st = run_retrain(load_config(cfg), progress=False)  # what `lineguard-hub retrain` or serve's scheduler does next
+    assert st.job_id == before["job_id"] and st.status == "succeeded" and st.steps_done == list(STEPS), st
+    assert (state.parent / "dataset.json").stat().st_mtime_ns == dataset_mtime  # finished steps are not redone
+    verify_bundle(hub_store.config.data_dir / "bundles" / st.candidate_version, load_public_keys([pub]))
+    assert RetrainJob.unfinished(root) == []
+
+
+def test_cli_without_a_retrain_section_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub.cli import main
+
+    assert main(["retrain", "--data-dir", str(tmp_path)]) == 2
+    assert "no retrain section" in capsys.readouterr().err
