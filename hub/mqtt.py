@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from hub.core.config import HubMqttConfig
 from lineguard_contract import Topics
 
-__all__ = ["HeadMqttWorker", "make_client", "shared_filter"]
+__all__ = ["HeadMqttWorker", "RetainedPublisher", "make_client", "shared_filter"]
 
 log = logging.getLogger(__name__)
 Client = paho.Client
@@ -101,3 +101,32 @@ class HeadMqttWorker:
         except UnicodeDecodeError:
             topic = "<invalid UTF-8 topic>"
         self.service.submit(topic, bytes(msg.payload))
+
+
+class RetainedPublisher:
+    """Publishes retained QoS 1 messages and waits for the broker's acknowledgement of each
+    (model announcements: the broker keeps the last one per station for agents that connect later)."""
+
+    def __init__(self, mqtt: HubMqttConfig, client_id: str) -> None:
+        self.mqtt = mqtt
+        self._client = make_client(mqtt, client_id, clean_session=True)
+        self._connected = threading.Event()
+        self._client.on_connect = lambda c, u, f, rc, p: self._connected.set() if not rc.is_failure else None
+
+    def __enter__(self) -> RetainedPublisher:
+        self._client.connect_async(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive_s)
+        self._client.loop_start()
+        if not self._connected.wait(15):
+            self.__exit__()
+            raise ConnectionError(f"broker {self.mqtt.url} did not accept the connection in 15 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish(self, topic: str, data: bytes, timeout: float = 15.0) -> None:
+        info = self._client.publish(topic, data, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise ConnectionError(f"{topic}: the broker did not acknowledge the message in {timeout:.0f} s")

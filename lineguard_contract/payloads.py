@@ -52,6 +52,7 @@ __all__ = [
     "ResultPayload",
     "StatusPayload",
     "HeartbeatPayload",
+    "ModelAnnouncePayload",
     "Payload",
     "PAYLOAD_TYPES",
     "encode",
@@ -229,9 +230,26 @@ class HeartbeatPayload(_Payload):
         return p99
 
 
-Payload = SamplePayload | ResultPayload | StatusPayload | HeartbeatPayload
+class ModelAnnouncePayload(_Payload):
+    """The model version a station should run (``model``, hub -> agent, QoS 1, **retained**, one per
+    station; an empty retained message clears it). The agent fetches ``manifest.json``,
+    ``manifest.sig`` and the files it needs from ``base_url`` (HTTPS from the hub, resumable), checks
+    the manifest against ``manifest_sha256`` and the signature against its provisioned keys, and
+    refuses a version older than its own unless ``pinned`` (an admin's rollback)."""
+
+    KIND: ClassVar[str] = "model"
+
+    version: Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+$")]
+    manifest_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    base_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+/$", max_length=512)]
+    pinned: bool = False
+    stage: Literal["canary", "production", "rollback"]
+    ts: Timestamp
+
+
+Payload = SamplePayload | ResultPayload | StatusPayload | HeartbeatPayload | ModelAnnouncePayload
 PAYLOAD_TYPES: dict[str, type[_Payload]] = {
-    t.KIND: t for t in (SamplePayload, ResultPayload, StatusPayload, HeartbeatPayload)
+    t.KIND: t for t in (SamplePayload, ResultPayload, StatusPayload, HeartbeatPayload, ModelAnnouncePayload)
 }
 
 
@@ -259,6 +277,8 @@ def decode(kind: Literal["results"], data: Wire) -> ResultPayload: ...
 def decode(kind: Literal["status"], data: Wire) -> StatusPayload: ...
 @overload
 def decode(kind: Literal["heartbeat"], data: Wire) -> HeartbeatPayload: ...
+@overload
+def decode(kind: Literal["model"], data: Wire) -> ModelAnnouncePayload: ...
 @overload
 def decode(kind: str, data: Wire) -> Payload: ...
 

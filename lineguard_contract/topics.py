@@ -37,7 +37,7 @@ class StationId:
 class Topics:
     """Builds topics for one contract version."""
 
-    KINDS = ("samples", "results", "status", "heartbeat", "features", "split_results")
+    KINDS = ("samples", "results", "status", "heartbeat", "features", "split_results", "model")
 
     def __init__(self, version: int = CONTRACT_VERSION) -> None:
         self.prefix = f"{ROOT}/v{version}"

@@ -62,8 +62,10 @@ DEFAULT_FILE_NAMES = {"onnx_fp32": "model_fp32", "onnx_int8": "model_int8", "che
                       "split_edge_fp32": "split_edge_fp32", "split_edge_int8": "split_edge_int8",
                       "split_hub": "split_hub", "split_bottleneck": "split_bottleneck"}
 #: Roles a machine may lack on disk without it being an error (unless asked for explicitly): the hub
-#: does not need the edge parts, an agent neither the checkpoint nor the hub part.
-OPTIONAL_ROLES = frozenset({"checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub", "split_bottleneck"})
+#: does not need the edge parts, an agent neither the checkpoint nor the hub part, and an agent
+#: updated over the air fetches only what it runs (the INT8 model), not the FP32 one.
+OPTIONAL_ROLES = frozenset({"onnx_fp32", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
+                            "split_bottleneck"})
 _CHUNK = 1 << 20  # 1 MiB
 
 Role = Literal["onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
@@ -312,7 +314,7 @@ def load_bundle(directory: str | Path, roles: Iterable[str] = ("onnx_int8",), ve
 
     Every role in ``roles`` must be listed and present. With ``verify``, the SHA-256 and size of
     every listed file that is present are checked, requested or not; a listed file that is
-    absent is an error unless its role is optional (the checkpoint) and not requested.
+    absent is an error unless its role is optional (:data:`OPTIONAL_ROLES`) and not requested.
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -18,7 +18,7 @@ from starlette.routing import Match
 
 from hub.api.context import HubContext
 from hub.api.deps import LoginRequired
-from hub.api.routes import export, fleet, retrain, samples, users
+from hub.api.routes import bundles, export, fleet, retrain, samples, users
 from hub.web import pages
 
 __all__ = ["create_app"]
@@ -46,7 +46,8 @@ def create_app(ctx: HubContext) -> FastAPI:
     app = FastAPI(title="LineGuard hub", version="1", openapi_url="/openapi.json", docs_url="/docs",
                   redoc_url=None)
     app.state.ctx = ctx
-    for r in (samples.router, fleet.router, users.router, export.router, retrain.router, pages.router):
+    for r in (samples.router, fleet.router, users.router, export.router, retrain.router, bundles.router,
+              pages.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

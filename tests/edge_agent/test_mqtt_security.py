@@ -116,6 +116,10 @@ def test_tls_passwords_and_the_deploy_acl_over_mqtt5(mosquitto_factory: Any, mqt
     mid = rogue.publish(Message("lineguard/v1/plant1/lineA/st04/samples", encode(make_sample()), qos=1))
     wait_until(lambda: rec.acks, 5, "the PUBACK")
     assert rec.acks == [(mid, False, "Not authorized")]
+    # nor its own station's model topic: only the hub says which model a station runs
+    mid2 = rogue.publish(Message("lineguard/v1/plant1/lineA/st03/model", b"{}", qos=1))
+    wait_until(lambda: len(rec.acks) == 2, 5, "the second PUBACK")
+    assert rec.acks[1] == (mid2, False, "Not authorized")
     rogue.stop()
     # a wrong password is refused and logged; the client keeps retrying with backoff
     with caplog.at_level(logging.WARNING, logger="edge_agent.mqtt"):

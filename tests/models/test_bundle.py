@@ -108,10 +108,16 @@ def test_missing_checkpoint_allowed_unless_requested(bundle_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("role,name", [("onnx_int8", "model_int8.onnx"), ("onnx_fp32", "model_fp32.onnx")])
-def test_missing_model_file_is_an_error(bundle_dir: Path, role: str, name: str) -> None:
+def test_missing_model_file_is_an_error_when_requested(bundle_dir: Path, role: str, name: str) -> None:
     (bundle_dir / name).unlink()
     with pytest.raises(BundleError, match=name):
-        load_bundle(bundle_dir, roles=("onnx_int8",))
+        load_bundle(bundle_dir, roles=(role,))
+
+
+def test_an_agent_may_carry_only_the_int8_model(bundle_dir: Path) -> None:
+    (bundle_dir / "model_fp32.onnx").unlink()  # what an over-the-air update fetches: the INT8 model only
+    b = load_bundle(bundle_dir, roles=("onnx_int8",))
+    assert b.has("onnx_int8") and not b.has("onnx_fp32")
 
 
 def test_requested_role_not_listed(tmp_path: Path, sources: dict[str, Path]) -> None:

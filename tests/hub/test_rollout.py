@@ -1,0 +1,229 @@
+"""Over-the-air updates end to end: the hub announces a registered, signed version (retained, real
+broker), the agent fetches it over HTTP from the hub's API (resumable), verifies and installs it,
+and swaps its detector between batches. Tampered files, a wrong key, an unsigned bundle and a
+downgrade are refused, logged and counted, and the old model keeps running."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.bundle_store import BundleStore
+from edge_agent.detector import OnnxDetector
+from edge_agent.mqtt import MqttConfig, MqttTransport
+from edge_agent.ota import BundleFetcher, ModelUpdater
+from edge_agent.swap import SwappableDetector
+from hub.accounts import create_token
+from hub.api import HubContext, create_app
+from hub.core.config import HubMqttConfig
+from hub.mqtt import RetainedPublisher
+from hub.registry import register
+from hub.rollout import RolloutError, announce, bundle_base_url
+from lineguard_contract import ModelAnnouncePayload, StationId, Topics
+from models.bundle import load_bundle, read_manifest, write_bundle
+from models.onnx_meta import write_metadata
+from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+STATION = StationId("plant1", "lineA", "st03")
+PASSWORD = "correct horse battery"
+
+
+def make_version(src: Path, out: Path, version: str, key: Path | None) -> Path:
+    """A bundle ``version`` with the INT8 model of ``src`` (its metadata rewritten), signed with ``key``."""
+    b = load_bundle(src, roles=("onnx_int8",))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx = out.parent / f"{version}-model_int8.onnx"
+    shutil.copyfile(b.path("onnx_int8"), onnx)
+    write_metadata(onnx, {"bundle_version": version})
+    m = b.manifest
+    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
+                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
+    if key is not None:
+        sign_bundle(out, load_private_key(key))
+    return out
+
+
+@dataclass
+class Fleet:
+    url: str
+    token: str
+    sessions: Any
+    bundles: dict[str, Path]
+    keys: tuple[Path, Path]
+    other_key: Path
+    tmp: Path
+
+    def announcement(self, version: str, pinned: bool = False) -> ModelAnnouncePayload:
+        with self.sessions() as s:
+            return announce(s, lambda t, d: None, version, [STATION], public_url=self.url, stage="canary",
+                            pinned=pinned)
+
+    def agent(self, name: str = "agent") -> tuple[BundleStore, ModelUpdater, SwappableDetector]:
+        store = BundleStore(self.tmp / name, public_keys=load_public_keys([self.keys[1]]))
+        store.install(self.bundles["1.0.0"])
+        sw = SwappableDetector(OnnxDetector(store.current(), workers=1))
+        sw.load()
+
+        def activate(bundle: Any) -> None:
+            sw.swap(OnnxDetector(bundle, workers=1))
+
+        return store, ModelUpdater(store, BundleFetcher(token=self.token), activate), sw
+
+
+@pytest.fixture
+def fleet(hub_store: Any, tmp_path: Path) -> Iterator[Fleet]:
+    import uvicorn
+
+    priv, pub = generate_keypair(tmp_path / "keys")
+    other, _ = generate_keypair(tmp_path / "other", name="someone-else")
+    base = ROOT / "models" / "default"
+    bundles = {v: make_version(base, tmp_path / "hub-bundles" / v, v, priv) for v in ("1.0.0", "2.0.0", "2.1.0")}
+    bundles["3.0.0"] = make_version(base, tmp_path / "hub-bundles" / "3.0.0", "3.0.0", other)  # the wrong key
+    bundles["3.1.0"] = make_version(base, tmp_path / "hub-bundles" / "3.1.0", "3.1.0", None)  # unsigned
+    hub_store.add_users(PASSWORD, agents="viewer")
+    with hub_store.sessions.begin() as s:
+        register(s, bundles["1.0.0"], actor="test", status="production")
+        for v in ("2.0.0", "2.1.0", "3.0.0", "3.1.0"):
+            register(s, bundles[v], actor="test")
+        token = create_token(s, "agents", "fleet")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(HubContext(hub_store.config, hub_store.sessions, hub_store.blobs))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield Fleet(f"http://127.0.0.1:{port}", token, hub_store.sessions, bundles, (priv, pub), other, tmp_path)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_announce_fetch_verify_install_swap_over_a_real_broker(fleet: Fleet, mosquitto_broker: Any) -> None:
+    store, updater, sw = fleet.agent()
+    updater.start()
+    agent_mqtt = MqttTransport(MqttConfig(client_id="agent-st03", port=mosquitto_broker.port))
+    agent_mqtt.subscribe(Topics().station(STATION, "model"), lambda topic, payload: updater.handle(payload))
+    agent_mqtt.start()
+    try:
+        with fleet.sessions() as s, RetainedPublisher(HubMqttConfig(url=f"mqtt://127.0.0.1:{mosquitto_broker.port}"),
+                                                      "hub-rollout") as pub:
+            sent = announce(s, pub.publish, "2.0.0", [STATION], public_url=fleet.url, stage="canary")
+        assert sent.base_url == bundle_base_url(fleet.url, "2.0.0")
+        deadline = time.monotonic() + 30
+        while sw.version != "2.0.0":
+            assert time.monotonic() < deadline, (updater.counters, updater.last_error)
+            time.sleep(0.05)
+        assert store.current_version() == "2.0.0" and store._target("previous").name == "1.0.0"  # type: ignore[union-attr]
+        assert len(sw.detect([np.zeros((720, 1280, 3), np.uint8)])) == 1
+        assert updater.counters["updated"] == 1 and not (store.root / "downloads" / "2.0.0").exists()
+        assert not (store.root / "versions" / "2.0.0" / "model_fp32.onnx").exists()  # only what it runs
+    finally:
+        updater.stop()
+        agent_mqtt.stop()
+    # retained: an agent that connects later gets the same announcement
+    store2, updater2, sw2 = fleet.agent("late")
+    late = MqttTransport(MqttConfig(client_id="agent-late", port=mosquitto_broker.port))
+    late.subscribe(Topics().station(STATION, "model"), lambda topic, payload: updater2.handle(payload))
+    updater2.start()
+    late.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sw2.version != "2.0.0":
+            assert time.monotonic() < deadline, (updater2.counters, updater2.last_error)
+            time.sleep(0.05)
+    finally:
+        updater2.stop()
+        late.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_interrupted_download_resumes(fleet: Fleet) -> None:
+    store, updater, sw = fleet.agent()
+    entry = read_manifest(fleet.bundles["2.0.0"]).files["onnx_int8"]
+    part = store.root / "downloads" / "2.0.0" / f"{entry.path}.part"
+    part.parent.mkdir(parents=True)
+    full = (fleet.bundles["2.0.0"] / entry.path).read_bytes()
+    part.write_bytes(full[: len(full) // 3])  # what a dropped connection left
+    assert updater.apply(fleet.announcement("2.0.0"))
+    assert updater.fetcher.resumed == 1 and sw.version == "2.0.0"
+    assert updater.fetcher.bytes_downloaded < len(full)  # the first third was not fetched again
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("version", "tamper", "counter", "reason"), [
+    ("2.1.0", "file", "download", "is not the manifest's"),
+    ("2.1.0", "manifest", "download", "is not the announced"),
+    ("3.0.0", None, "verify", "signature"),
+    ("3.1.0", None, "verify", "unsigned"),
+])
+def test_bad_bundles_are_refused_and_the_old_model_keeps_running(fleet: Fleet, version: str, tamper: str | None,
+                                                                 counter: str, reason: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    store, updater, sw = fleet.agent()
+    ann = fleet.announcement(version)
+    if tamper == "file":
+        p = fleet.bundles[version] / "model_int8.onnx"
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    elif tamper == "manifest":
+        p = fleet.bundles[version] / "manifest.json"
+        p.write_text(p.read_text().replace('"name"', '"name" ', 1))
+    with caplog.at_level("ERROR", logger="edge_agent.ota"):
+        assert not updater.apply(ann)
+    assert updater.counters[counter] == 1 and reason in (updater.last_error or ""), updater.last_error
+    assert reason in caplog.text
+    assert sw.version == "1.0.0" and store.current_version() == "1.0.0"
+    assert len(sw.detect([np.zeros((720, 1280, 3), np.uint8)])) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_downgrade_needs_a_pin(fleet: Fleet) -> None:
+    store, updater, sw = fleet.agent()
+    assert updater.apply(fleet.announcement("2.1.0")) and sw.version == "2.1.0"
+    assert not updater.apply(fleet.announcement("2.0.0"))
+    assert updater.counters["downgrade"] == 1 and "pinned by an admin" in (updater.last_error or "")
+    assert sw.version == "2.1.0"
+    assert updater.apply(fleet.announcement("2.0.0", pinned=True))  # an admin's rollback
+    assert sw.version == "2.0.0" and store.current_version() == "2.0.0"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_hub_serves_only_registered_bundle_files_to_signed_in_clients(fleet: Fleet) -> None:
+    import urllib.error
+    import urllib.request
+
+    def status(path: str, token: str | None = fleet.token) -> int:
+        req = urllib.request.Request(fleet.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req) as r:  # noqa: S310 (the test's own server)
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status("/api/v1/bundles/2.0.0/manifest.json") == 200
+    assert status("/api/v1/bundles/2.0.0/manifest.json", token=None) == 401
+    assert status("/api/v1/bundles/2.0.0/state.json") == 404
+    assert status("/api/v1/bundles/9.9.9/manifest.json") == 404
+    with fleet.sessions.begin() as s:
+        from hub.registry import set_status
+
+        set_status(s, "2.1.0", "rejected", actor="test", reason="bad")
+    assert status("/api/v1/bundles/2.1.0/manifest.json") == 404
+    with fleet.sessions() as s, pytest.raises(RolloutError, match="rejected"):
+        announce(s, lambda t, d: None, "2.1.0", [STATION], public_url=fleet.url, stage="canary")
