@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -43,6 +44,7 @@ from lineguard_contract import (
     ResultPayload,
     SamplePayload,
     StationId,
+    Topics,
     new_sample_id,
 )
 
@@ -80,6 +82,8 @@ class Agent:
         ident = cfg.identity
         self.station = StationId(ident.site, ident.line, ident.station)
         self.transport = transport or build_transport(cfg)
+        self.store: Any = None
+        self.updater: Any = None
         self.detector = detector or self._make_detector(cfg)
         self.sources = sources if sources is not None else [
             open_source(c.source, c.id, loop=c.loop, realtime=c.realtime) for c in cfg.cameras]
@@ -97,24 +101,25 @@ class Agent:
         self.sample_errors = 0
 
     def _make_detector(self, cfg: AgentConfig) -> Detector:
-        if cfg.model.public_keys:
+        use_store = cfg.model.store is not None and cfg.split.mode == "full"
+        if cfg.model.public_keys and not use_store:  # the store verifies what it runs itself
             from models.signing import load_public_keys, verify_bundle
 
             roles = (cfg.model.role,) if cfg.split.mode == "full" else ("split_edge_int8",)
             b = verify_bundle(cfg.model.bundle, load_public_keys(cfg.model.public_keys), roles=roles)
             log.info("bundle %s v%s: signature and file hashes verified", cfg.model.bundle, b.manifest.version)
 
+        bundle_dir = self._open_store(cfg) if use_store else str(cfg.model.bundle)
+
         def local() -> Detector:
-            return create_detector(
-                str(cfg.model.bundle), runtime=cfg.model.runtime, role=cfg.model.role,
-                providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
-                # Live frames want latency: one session with every core finishes a frame soonest
-                # (57 ms here against 92 ms for a 1-thread session); more sessions only pay once the
-                # batcher runs batches of several cameras (model.workers).
-                workers=cfg.model.workers or 1)
+            return self._local_detector(bundle_dir)
 
         sp = cfg.split
         if sp.mode == "full":
+            if self.store is not None:
+                from edge_agent.swap import SwappableDetector
+
+                return SwappableDetector(local())
             return local()
         from edge_agent.split_detector import SplitDetector
         from models.bundle import load_bundle
@@ -124,6 +129,36 @@ class Agent:
                              fallback=local() if sp.mode == "auto" else None, deadline_ms=sp.deadline_ms,
                              fallback_after=sp.fallback_after, probe_interval_s=sp.probe_interval_s,
                              threads=cfg.model.threads, conf=cfg.model.conf)
+
+    def _local_detector(self, bundle_dir: str) -> Detector:
+        cfg = self.cfg
+        return create_detector(
+                bundle_dir, runtime=cfg.model.runtime, role=cfg.model.role,
+                providers=cfg.model.providers, conf=cfg.model.conf, threads=cfg.model.threads,
+                # Live frames want latency: one session with every core finishes a frame soonest
+                # (57 ms here against 92 ms for a 1-thread session); more sessions only pay once the
+                # batcher runs batches of several cameras (model.workers).
+                workers=cfg.model.workers or 1)
+
+    def _open_store(self, cfg: AgentConfig) -> str:
+        """The bundle store (seeded from ``model.bundle`` when empty); returns the current bundle's dir."""
+        from edge_agent.bundle_store import BundleStore
+        from models.signing import load_public_keys
+
+        assert cfg.model.store is not None
+        keys = load_public_keys(cfg.model.public_keys) if cfg.model.public_keys else None
+        self.store = BundleStore(cfg.model.store, public_keys=keys, roles=(cfg.model.role,))
+        if self.store.current_version() is None:
+            self.store.install(cfg.model.bundle)
+            log.info("bundle store %s seeded from %s", cfg.model.store, cfg.model.bundle)
+        return str(self.store.current().dir)
+
+    def _activate(self, bundle: Any) -> None:
+        """A bundle the store installed: load it beside the running one, swap between batches."""
+        new = self._local_detector(str(bundle.dir))
+        self.detector.swap(new)  # type: ignore[attr-defined]  # a SwappableDetector whenever a store is open
+        if self.uplink is not None:
+            self.uplink.set_model_version(new.version)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +175,8 @@ class Agent:
         policy = BatchPolicy(slo_ms=b.latency_slo_ms, max_batch=b.max_batch, max_queue_delay_ms=b.max_queue_delay_ms)
         self.batcher = AdaptiveBatcher(self.detector, policy=policy, on_results=self._on_results)
         self._bind_metrics()
+        if self.store is not None:
+            self._start_updates()
         self.uplink.start()
         for src in self.sources:
             if hasattr(src, "transform"):
@@ -155,6 +192,16 @@ class Agent:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, port)
         log.info("agent %s up: %d camera(s), model v%s on %s", self.cfg.identity.client_id, len(self.sources),
                  version, getattr(self.detector, "provider", "?"))
+
+    def _start_updates(self) -> None:
+        from edge_agent.ota import BundleFetcher, ModelUpdater
+
+        m = self.cfg.model
+        fetcher = BundleFetcher(token=os.environ.get(m.update_token_env), ca_file=m.update_ca_file)
+        self.updater = ModelUpdater(self.store, fetcher, self._activate, roles=(m.role,), pinned=m.pinned_version)
+        self.updater.start()
+        self.transport.subscribe(Topics().station(self.station, "model"),
+                                 lambda topic, payload: self.updater.handle(payload))
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -172,6 +219,8 @@ class Agent:
             src.close()
         if self.batcher is not None:
             self.batcher.stop()
+        if self.updater is not None:
+            self.updater.stop()
         self._samples.put(None)
         for t in self._threads:
             t.join(timeout=10)

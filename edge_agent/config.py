@@ -60,6 +60,14 @@ class ModelConfig(_Strict):
                                            "agent runs only a bundle signed by one of them, every file's hash checked")
     workers: int | None = Field(None, ge=1, le=16, description="ONNX Runtime sessions side by side, a batch "
                                 "split over them; default 1 (lowest latency per frame)")
+    store: Path | None = Field(None, description="bundle store directory: the agent runs its current version "
+                               "(seeded from `bundle` on the first start) and takes over-the-air updates the hub "
+                               "announces (full mode)")
+    update_token_env: str = Field("LINEGUARD_AGENT_TOKEN", min_length=1,
+                                  description="environment variable holding the hub API token for downloads")
+    update_ca_file: Path | None = Field(None, description="CA bundle for the hub's HTTPS (default: the system's)")
+    pinned_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$",
+                                       description="an admin's pin: this version may replace a newer one")
 
 
 class BatchingConfig(_Strict):

@@ -227,3 +227,45 @@ def test_hub_serves_only_registered_bundle_files_to_signed_in_clients(fleet: Fle
     assert status("/api/v1/bundles/2.1.0/manifest.json") == 404
     with fleet.sessions() as s, pytest.raises(RolloutError, match="rejected"):
         announce(s, lambda t, d: None, "2.1.0", [STATION], public_url=fleet.url, stage="canary")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_running_agent_updates_without_dropping_frames_and_restarts_on_the_new_version(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.config import build_config
+    from edge_agent.transport import MemoryTransport
+    from lineguard_contract import encode
+
+    monkeypatch.setenv("LINEGUARD_AGENT_TOKEN", fleet.token)
+    cfg = build_config({
+        "identity": {"site": STATION.site, "line": STATION.line, "station": STATION.station},
+        "cameras": [{"id": "c", "source": str(ROOT / "sample_data" / "line_1080p.mp4"), "loop": True}],
+        "model": {"bundle": str(fleet.bundles["1.0.0"]), "store": str(tmp_path / "store"),
+                  "public_keys": [str(fleet.keys[1])]},
+        "outbox": {"path": str(tmp_path / "o.db")}})
+    transport = MemoryTransport()
+    agent = Agent(cfg, transport=transport)
+    agent.start()
+    try:
+        assert agent.detector.version == "1.0.0"
+        deadline = time.monotonic() + 20
+        while agent.batcher is None or agent.batcher.stats().frames < 5:
+            assert time.monotonic() < deadline, "no frames before the update"
+            time.sleep(0.05)
+        transport.deliver(Topics().station(STATION, "model"), encode(fleet.announcement("2.0.0")))
+        deadline = time.monotonic() + 30
+        while agent.detector.version != "2.0.0":
+            assert time.monotonic() < deadline, (agent.updater.counters, agent.updater.last_error)
+            time.sleep(0.05)
+        before = agent.batcher.stats().frames
+        while agent.batcher.stats().frames < before + 5:
+            assert time.monotonic() < deadline + 20, "no frames after the update"
+            time.sleep(0.05)
+        st = agent.batcher.stats()
+        assert st.detector_errors == 0 and st.frames_failed == 0  # no batch failed, no frame lost to the swap
+        assert agent.health().model_version == "2.0.0" and agent.uplink.model_version == "2.0.0"  # type: ignore[union-attr]
+    finally:
+        agent.stop(drain_s=0)
+    again = Agent(cfg, transport=MemoryTransport())  # after a restart: the store's current version
+    assert again.detector.version == "2.0.0"
