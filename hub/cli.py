@@ -78,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--val-share", type=float, default=0.2)
 
     sub.add_parser("migrate", parents=[common], help="upgrade the database schema to the latest revision")
+    ro = sub.add_parser("rollout", help="over-the-air: canary, verdict, promote, rollback (needs a rollout section)"
+                        ).add_subparsers(dest="rollout_cmd", required=True)
+    rs = ro.add_parser("start", parents=[common], help="send a candidate to canary stations")
+    rs.add_argument("version")
+    grp = rs.add_mutually_exclusive_group()
+    grp.add_argument("--share", type=float, help="share of stations (default rollout.canary_share)")
+    grp.add_argument("--stations", nargs="+", metavar="SITE/LINE/STATION")
+    rc = ro.add_parser("check", parents=[common], help="compare canary and control health; --apply acts on it")
+    rc.add_argument("version")
+    rc.add_argument("--apply", action="store_true", help="promote or roll back as the verdict says")
+    for verb, what in (("promote", "make a version production and announce it to every station"),
+                       ("rollback", "reject a canary and announce production back (pinned) to its stations")):
+        rp = ro.add_parser(verb, parents=[common], help=what)
+        rp.add_argument("version")
+        rp.add_argument("--reason", default="manual")
+    for p_ in (rs, rc, *[ro.choices[v] for v in ("promote", "rollback")]):
+        p_.add_argument("--actor", default="cli")
     r = sub.add_parser("retrain", parents=[common],
                        help="retrain on the reviewed samples now (or resume a job a crash left): train, gate, sign, "
                             "register; exit 0 candidate registered, 3 the gate refused it, 1 failed, 2 busy")
@@ -240,6 +257,10 @@ def _run(args: argparse.Namespace, config: HubConfig) -> int:
         return _with_db(config, lambda s: _models(s, args))
     if args.cmd == "retrain":
         return _retrain(args, config)
+    if args.cmd == "rollout":
+        from hub.rollout_worker import rollout_cli
+
+        return rollout_cli(args, config)
     if args.cmd == "export":
         from hub.blobs import FileBlobStore
         from hub.export import export_dir

@@ -130,6 +130,7 @@ def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | Non
     worker: IngestWorker | None = None
     heads: HeadMqttWorker | None = None
     scheduler = None
+    watcher = None
     if config.retrain is not None and config.retrain.schedule is not None:
         from hub.retrain_worker import RetrainScheduler
 
@@ -148,6 +149,11 @@ def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | Non
                         config.mqtt.url)
         if config.heads is not None:
             heads = start_heads(config)
+        if config.rollout is not None and config.rollout.auto:
+            from hub.rollout_worker import RolloutWatcher
+
+            watcher = RolloutWatcher(config, make_session_factory(engine, immediate=True))
+            watcher.start()
         web_sessions = make_session_factory(engine, immediate=True)  # requests read, then write (SQLite)
         app = create_app(HubContext(config, web_sessions, blobs, ingest_counters=worker.counters))
         url = f"http://{config.http.host}:{config.http.port}/"
@@ -159,6 +165,8 @@ def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | Non
                                                log_level=log_level, access_log=False, lifespan="off"))
         server.run()
     finally:
+        if watcher is not None:
+            watcher.stop()
         if scheduler is not None:
             scheduler.stop()
         if heads is not None:

@@ -22,7 +22,7 @@ from lineguard_contract.connection import BrokerSettings, describe_validation_er
 from lineguard_contract.topics import SEGMENT_PATTERN
 
 __all__ = ["ConfigError", "HubConfig", "HubHeadsConfig", "HubHttpConfig", "HubMqttConfig", "HubRetrainConfig",
-           "build_config", "load_config"]
+           "HubRolloutConfig", "build_config", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,20 @@ class HubRetrainConfig(BaseModel):
         return v
 
 
+class HubRolloutConfig(BaseModel):
+    """Over-the-air updates and the staged rollout (issue 6; hub/rollout.py, hub/canary.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    public_url: str = Field(pattern=r"^https?://[^\s/]+(:\d+)?(/[^\s]*)?$",
+                            description="how agents reach this hub's API (HTTPS in production)")
+    canary_share: float = Field(0.1, gt=0, le=1, description="share of stations a canary goes to")
+    window_min: float = Field(60.0, gt=0, description="canary observed this long before promotion")
+    min_samples: int = Field(20, ge=0, description="samples of each group before the sample checks count")
+    auto: bool = Field(True, description="serve: start a canary for a candidate that passed the gate, then "
+                                         "promote or roll back on the canary's verdict")
+    check_s: float = Field(60.0, ge=1, description="how often serve checks running canaries")
+
+
 class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -113,6 +127,7 @@ class HubConfig(BaseModel):
     mqtt: HubMqttConfig = HubMqttConfig()
     heads: HubHeadsConfig | None = None
     retrain: HubRetrainConfig | None = None
+    rollout: HubRolloutConfig | None = None
     max_payload_bytes: int = Field(MAX_PAYLOAD_BYTES, ge=1024, le=MAX_PAYLOAD_BYTES,
                                    description="larger messages go to dead letters unparsed")
 
