@@ -334,10 +334,14 @@ class RetrainJob:
         golden = load_dataset(Path(self.settings.golden), splits=["val"])
         g = self._score_pair(golden, cand, prod)
         new = None
-        reviewed = load_dataset(self.work / "reviewed", splits=["val"])
-        if reviewed.split("val"):
-            new = self._score_pair(reviewed, cand, prod)
+        val_dir = self.work / "reviewed" / "images" / "val"
+        if val_dir.is_dir() and any(val_dir.iterdir()):
+            new = self._score_pair(load_dataset(self.work / "reviewed", splits=["val"]), cand, prod)
         result = decide(self.settings.rule, g[0], g[1], *(new or (None, None)))
+        if new is None:  # nothing shows that the candidate learned what was reviewed: it does not ship
+            result.passed = False
+            result.reasons.append(f"new data: no reviewed sample fell on the validation side "
+                                  f"(val_share {self.settings.val_share}); review more samples")
         report = write_report(self.work / "gate", result, candidate=cand.manifest.version,
                               production=prod.manifest.version, golden_fingerprint=fingerprint(self.settings.golden),
                               golden=g, new=new, rule=self.settings.rule)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def _reviewed_hub(hub_store: Any, sample_factory: Any, production_bundle: Path) 
     """14 samples, 13 reviewed (confirmed with boxes of old classes and of the new class burr, or
     rejected), 1 left unreviewed; production = the dev bundle 1.0.0."""
     hub_store.add_users("pw-long-enough-1", rita="reviewer")
-    hub_store.ingest([sample_factory(seed=i, n_dets=1) for i in range(14)])
+    # fixed sample ids: the export's train/val split (a hash of the id) is then fixed too
+    hub_store.ingest([sample_factory(seed=i, n_dets=1, sample_id=str(uuid.UUID(int=i + 1))) for i in range(14)])
     with hub_store.sessions.begin() as s:
         register(s, production_bundle, actor="test", status="production")
         for name in DEFAULT_CLASSES:
@@ -94,7 +96,7 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
 
     def settings(rule: GateRule) -> RetrainSettings:
         return RetrainSettings(golden=golden, bundles_dir=tmp_path / "bundles", signing_key=priv, replay_data=replay,
-                               replay_images=8, preset="retrain-ci", workers=0, rule=rule)
+                               replay_images=8, preset="retrain-ci", workers=0, rule=rule, val_share=0.5)
 
     root = tmp_path / "jobs"
     # 1. an impossible rule: the candidate is built, scored, registered as rejected, never signed
@@ -168,7 +170,7 @@ def test_kill_9_mid_training_resumes_the_same_job(hub_store: Any, sample_factory
         "mqtt": {"url": "mqtt://127.0.0.1:1"},
         "retrain": {"golden": str(_dataset(tmp_path / "golden", {"val": 4}, seed=2)),
                     "replay_data": str(_dataset(tmp_path / "replay", {"train": 8, "val": 4}, seed=3)),
-                    "replay_images": 8, "preset": "retrain-ci", "workers": 0, "min_reviewed": 1,
+                    "replay_images": 8, "preset": "retrain-ci", "workers": 0, "min_reviewed": 1, "val_share": 0.5,
                     "signing_key_file": str(priv), "max_recall_drop_points": 100, "min_new_data_gain_points": -100}}))
     root = jobs_root(load_config(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "retrain", "-c", str(cfg), "--no-progress"],
