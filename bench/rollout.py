@@ -1,0 +1,223 @@
+"""A rollout to N simulated agents on loopback: time until every agent runs the new version, and
+frames dropped during the swaps (issue 6 target: 50 agents in <= 60 s, zero frames dropped).
+
+One process holds: a broker (Mosquitto, else the embedded one), the hub's API (uvicorn on
+127.0.0.1, a SQLite registry with the production and the new version, both signed), and N agents.
+Each agent is what ``edge_agent`` runs for an update, for real: its own MQTT client subscribed
+to its station's retained ``model`` topic, a :class:`~edge_agent.ota.ModelUpdater` that fetches
+the bundle from the hub over HTTP with a bearer token, checks the manifest hash, the Ed25519
+signature and every file hash, installs into its own :class:`~edge_agent.bundle_store.BundleStore`
+(fsync, atomic links) and swaps a :class:`~edge_agent.swap.SwappableDetector` between frames;
+and a frame loop at ``--fps`` through that detector, counting frames that fail. Inference itself
+is a stub (``--detector stub``: 2 ms per frame; ONNX Runtime for 50 agents does not fit on 2
+cores): this measures delivery and swap, not the model. ``--detector onnx`` runs the real INT8
+model per agent (a larger machine).
+
+    python bench/rollout.py --agents 50 --json docs/results/rollout_50.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from _common import emit_json, free_port, start_broker  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from edge_agent.bundle_store import BundleStore  # noqa: E402
+from edge_agent.detector import Detector, DetectorError, OnnxDetector  # noqa: E402
+from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
+from edge_agent.ota import BundleFetcher, ModelUpdater  # noqa: E402
+from edge_agent.swap import SwappableDetector  # noqa: E402
+from lineguard_contract import StationId, Topics  # noqa: E402
+from models.bundle import Bundle, load_bundle, write_bundle  # noqa: E402
+from models.detections import Detections  # noqa: E402
+from models.onnx_meta import write_metadata  # noqa: E402
+from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle  # noqa: E402
+
+
+class StubDetector(Detector):
+    """The bundle's manifest and INT8 file, no inference (2 ms per frame)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self._configure(bundle, None, None)
+
+    def load(self) -> None:
+        if not self.bundle.path("onnx_int8").is_file():
+            raise DetectorError(f"{self.bundle.path('onnx_int8')} missing")
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[Detections]:
+        time.sleep(0.002)
+        return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+                for _ in frames]
+
+
+class SimAgent:
+    def __init__(self, k: int, work: Path, seed: Path, keys: Any, port: int, token: str, fps: float,
+                 detector: str) -> None:
+        self.station = StationId("bench", "line", f"st{k:03d}")
+        self.store = BundleStore(work / f"agent{k:03d}", public_keys=keys)
+        self.store.install(seed)
+        self.make = (lambda b: OnnxDetector(b, workers=1, threads=1)) if detector == "onnx" else StubDetector
+        self.sw = SwappableDetector(self.make(self.store.current()))
+        self.sw.load()
+        self.updater = ModelUpdater(self.store, BundleFetcher(token=token), self._activate)
+        self.mqtt = MqttTransport(MqttConfig(client_id=f"bench-agent-{k:03d}", port=port))
+        self.mqtt.subscribe(Topics().station(self.station, "model"), lambda t, p: self.updater.handle(p))
+        self.fps, self.frames, self.failed = fps, 0, 0
+        self.updated_at: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._frames, daemon=True)
+
+    def _activate(self, bundle: Bundle) -> None:
+        self.sw.swap(self.make(bundle))
+        self.updated_at = time.monotonic()
+
+    def start(self) -> None:
+        self.updater.start()
+        self.mqtt.start()
+        self.thread.start()
+
+    def _frames(self) -> None:
+        frame = np.zeros((720, 1280, 3), np.uint8)
+        period, nxt = 1.0 / self.fps, time.monotonic()
+        while not self.stop.is_set():
+            try:
+                self.sw.detect([frame])
+                self.frames += 1
+            except Exception:
+                self.failed += 1
+            nxt += period
+            self.stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.updater.stop()
+        self.mqtt.stop()
+
+
+def _version(src: Path, out: Path, version: str, key: Path) -> Path:
+    b = load_bundle(src, roles=("onnx_int8",))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx = out.parent / f"{version}.onnx"
+    shutil.copyfile(b.path("onnx_int8"), onnx)
+    write_metadata(onnx, {"bundle_version": version})
+    m = b.manifest
+    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
+                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
+    sign_bundle(out, load_private_key(key))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--agents", type=int, default=50)
+    ap.add_argument("--fps", type=float, default=10.0, help="frames per second per agent")
+    ap.add_argument("--detector", choices=["stub", "onnx"], default="stub")
+    ap.add_argument("--bundle", type=Path, default=Path("models/default"))
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import uvicorn
+
+    from hub.accounts import create_token, create_user
+    from hub.api import HubContext, create_app
+    from hub.blobs import FileBlobStore
+    from hub.core.config import build_config
+    from hub.core.db import make_engine, make_session_factory, upgrade
+    from hub.mqtt import RetainedPublisher
+    from hub.registry import register
+    from hub.rollout import promote
+    from hub.tables import Station
+
+    work = Path(tempfile.mkdtemp(prefix="lg_rollout_"))
+    priv, pub = generate_keypair(work / "keys")
+    old = _version(args.bundle, work / "bundles" / "1.0.0", "1.0.0", priv)
+    new = _version(args.bundle, work / "bundles" / "1.1.0", "1.1.0", priv)
+    port = free_port()
+    broker_name, stop_broker = start_broker(port, work)
+    config = build_config({"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"}})
+    engine = make_engine(config.db_url)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    with sessions.begin() as s:
+        register(s, old, actor="bench", status="production")
+        register(s, new, actor="bench")
+        create_user(s, "fleet", "bench-password-1", "viewer")
+        token = create_token(s, "fleet", "agents")
+        for k in range(args.agents):
+            s.add(Station(site="bench", line="line", station=f"st{k:03d}", created_at=datetime.now(UTC)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        http_port = sock.getsockname()[1]
+    app = create_app(HubContext(config, make_session_factory(engine, immediate=True), FileBlobStore(config.blob_dir)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning",
+                                           lifespan="off"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    keys = load_public_keys([pub])
+    agents = [SimAgent(k, work / "agents", old, keys, port, token, args.fps, args.detector)
+              for k in tqdm(range(args.agents), desc="agents")]
+    for a in agents:
+        a.start()
+    time.sleep(2.0)  # every agent connected and running frames on 1.0.0
+    frames0 = sum(a.frames for a in agents)
+    t0 = time.monotonic()
+    with sessions.begin() as s, RetainedPublisher(config.mqtt, "bench-rollout") as pub_mqtt:
+        n = promote(s, pub_mqtt.publish, "1.1.0", public_url=f"http://127.0.0.1:{http_port}", actor="bench",
+                    reason="bench")
+    t_announced = time.monotonic() - t0
+    bar = tqdm(total=args.agents, desc="updated")
+    while True:
+        done = sum(a.sw.version == "1.1.0" for a in agents)
+        bar.n = done
+        bar.refresh()
+        if done == args.agents or time.monotonic() - t0 > args.timeout:
+            break
+        time.sleep(0.05)
+    bar.close()
+    elapsed = time.monotonic() - t0
+    time.sleep(1.0)  # frames keep flowing on the new version
+    for a in agents:
+        a.close()
+    server.should_exit = True
+    stop_broker()
+    times = sorted(a.updated_at - t0 for a in agents if a.updated_at is not None)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "broker": broker_name, "agents": args.agents, "detector": args.detector, "fps_per_agent": args.fps,
+        "bundle_bytes_per_agent": (new / "model_int8.onnx").stat().st_size,
+        "stations_announced": n, "announce_s": round(t_announced, 2),
+        "all_updated": len(times) == args.agents, "rollout_s": round(elapsed, 2),
+        "update_s_p50": round(float(np.percentile(times, 50)), 2) if times else None,
+        "update_s_max": round(times[-1], 2) if times else None,
+        "frames_during": sum(a.frames for a in agents) - frames0,
+        "frames_failed": sum(a.failed for a in agents),
+        "refusals": sum(sum(v for k, v in a.updater.counters.items() if k not in ("updated", "already_current"))
+                        for a in agents),
+    }
+    emit_json(result, args.json)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if result["all_updated"] and result["frames_failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
