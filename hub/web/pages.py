@@ -9,6 +9,7 @@ hidden field. The login form, made before there is a session, uses a double-subm
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -146,8 +147,62 @@ def fleet(request: Request, db: Db, user: CurrentUser) -> HTMLResponse:
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models(request: Request, db: Db, user: CurrentUser) -> HTMLResponse:
-    return _page(request, "models.html", user, models=model_versions(db))
+def models(request: Request, db: Db, user: CurrentUser, ctx: Annotated[HubContext, Depends(get_context)],
+           message: str | None = None, error: str | None = None) -> HTMLResponse:
+    from hub.api.routes.retrain import list_jobs
+    from hub.registry import list_versions
+
+    registry = [{**asdict(m), "gate": m.metrics.get("gate"), "job": m.metrics.get("job")} for m in list_versions(db)]
+    jobs = list_jobs(ctx, 20) if ctx.config.retrain is not None else None
+    return _page(request, "models.html", user, models=model_versions(db), registry=registry[::-1], jobs=jobs,
+                 rollout=ctx.config.rollout is not None, message=message, error=error)
+
+
+@router.post("/models/retrain", response_class=RedirectResponse)
+def retrain_now(ctx: Annotated[HubContext, Depends(get_context)],
+                user: Annotated[Principal, Depends(require("admin"))]) -> RedirectResponse:
+    from hub.api.routes.retrain import start_job
+    from hub.retrain import RetrainBusy
+
+    try:
+        start_job(ctx, user.username)
+        q = {"message": "retraining started; its progress shows below"}
+    except (RetrainBusy, HTTPException) as e:
+        q = {"error": str(getattr(e, "detail", e))}
+    return RedirectResponse("/models?" + urlencode(q), status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/models/{version}/{action}", response_class=RedirectResponse)
+def model_action(version: str, action: str, db: Db, ctx: Annotated[HubContext, Depends(get_context)],
+                 user: Annotated[Principal, Depends(require("admin"))],
+                 reason: Annotated[str, Form()] = "") -> RedirectResponse:
+    """``canary`` (the configured share), ``promote`` (every station) or ``rollback``, from the UI."""
+    from hub.mqtt import RetainedPublisher
+    from hub.registry import RegistryError
+    from hub.rollout import RolloutError, promote, rollback, start_canary
+
+    rc = ctx.config.rollout
+    if action not in ("canary", "promote", "rollback"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no action {action!r}")
+    if rc is None:
+        return RedirectResponse("/models?" + urlencode({"error": "no rollout section in the hub config"}),
+                                status.HTTP_303_SEE_OTHER)
+    why = reason or f"{action} from the UI"
+    try:
+        with RetainedPublisher(ctx.config.mqtt, f"lineguard-hub-ui-{user.username}"[:64]) as pub:
+            if action == "canary":
+                n = len(start_canary(db, pub.publish, version, public_url=rc.public_url, actor=user.username,
+                                     share=rc.canary_share))
+            elif action == "promote":
+                n = promote(db, pub.publish, version, public_url=rc.public_url, actor=user.username, reason=why)
+            else:
+                n = rollback(db, pub.publish, version, public_url=rc.public_url, actor=user.username, reason=why)
+        db.commit()
+        q = {"message": f"{version}: {action} announced to {n} stations"}
+    except (RolloutError, RegistryError, ConnectionError) as e:
+        db.rollback()
+        q = {"error": str(e)}
+    return RedirectResponse("/models?" + urlencode(q), status.HTTP_303_SEE_OTHER)
 
 
 @router.get("/charts", response_class=HTMLResponse)

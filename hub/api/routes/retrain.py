@@ -21,7 +21,7 @@ from hub.api.deps import CurrentUser, get_context, require
 from hub.retrain import JobState, RetrainBusy, _exclusive
 from hub.retrain_worker import jobs_root
 
-__all__ = ["router"]
+__all__ = ["list_jobs", "router", "start_job"]
 
 router = APIRouter(prefix="/api/v1/retrain", tags=["retrain"])
 Ctx = Annotated[HubContext, Depends(get_context)]
@@ -36,9 +36,7 @@ def _root(ctx: HubContext) -> Path:
 
 @router.get("/jobs")
 def jobs(ctx: Ctx, _: CurrentUser, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> list[dict[str, Any]]:
-    root = _root(ctx)
-    states = sorted(root.glob("*/state.json"), reverse=True)[:limit] if root.exists() else []
-    return [asdict(JobState.read(p)) for p in states]
+    return list_jobs(ctx, limit)
 
 
 @router.get("/jobs/{job_id}/report/{name}")
@@ -51,20 +49,32 @@ def report(job_id: str, name: str, ctx: Ctx, _: CurrentUser) -> FileResponse:
     return FileResponse(path, media_type=REPORT_FILES[name])
 
 
-@router.post("/jobs", status_code=status.HTTP_202_ACCEPTED)
-def start(ctx: Ctx, who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+def start_job(ctx: HubContext, username: str) -> int:
+    """Start ``lineguard-hub retrain`` as a child process with this hub's configuration; its pid.
+    :class:`RetrainBusy` while a job runs."""
     root = _root(ctx)
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        with _exclusive(root / ".lock"):
-            pass
-    except RetrainBusy as e:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    with _exclusive(root / ".lock"):
+        pass
     cfg, tmp = root / ".config.yaml", root / ".config.yaml.tmp"  # the child gets exactly this hub's configuration
-    root.mkdir(parents=True, exist_ok=True)
     tmp.write_text(yaml.safe_dump(json.loads(ctx.config.model_dump_json(exclude_none=True))))
     tmp.replace(cfg)
     proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "retrain", "-c", str(cfg), "--no-progress",
-                             "--by", who.username], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--by", username], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    return {"started": True, "pid": proc.pid, "requested_by": who.username}
+    return proc.pid
+
+
+def list_jobs(ctx: HubContext, limit: int = 50) -> list[dict[str, Any]]:
+    root = _root(ctx)
+    states = sorted(root.glob("*/state.json"), reverse=True)[:limit] if root.exists() else []
+    return [asdict(JobState.read(p)) for p in states]
+
+
+@router.post("/jobs", status_code=status.HTTP_202_ACCEPTED)
+def start(ctx: Ctx, who: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    try:
+        pid = start_job(ctx, who.username)
+    except RetrainBusy as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    return {"started": True, "pid": pid, "requested_by": who.username}
