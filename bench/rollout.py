@@ -166,7 +166,8 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         http_port = sock.getsockname()[1]
-    app = create_app(HubContext(config, make_session_factory(engine, immediate=True), FileBlobStore(config.blob_dir)))
+    app = create_app(HubContext(config, make_session_factory(engine, immediate=True), FileBlobStore(config.blob_dir),
+                                read_sessions=make_session_factory(engine)))  # as hub.server.serve
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning",
                                            lifespan="off"))
     threading.Thread(target=server.run, daemon=True).start()

@@ -16,8 +16,11 @@ announcement (older ones waiting are dropped), and in its own thread:
    the old one and swaps between batches: :class:`edge_agent.swap.SwappableDetector`). If that
    fails the store is rolled back and the old model keeps running.
 
-Every refusal is logged with its reason and counted (``counters``); nothing is retried until the
-hub announces again (or the agent restarts, when the retained announcement arrives again).
+Every refusal is logged with its reason and counted (``counters``). A failed download (the hub
+or the network, transient) is retried with backoff (``retry_s``, then every last interval) until
+it succeeds or a newer announcement replaces it; a refused version (downgrade, bad signature or
+hash) is not retried until the hub announces again (or the agent restarts and gets the retained
+announcement again).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import shutil
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -122,10 +126,13 @@ class ModelUpdater:
     """``handle(payload)`` from the transport's thread; the work happens in :meth:`start`'s thread."""
 
     def __init__(self, store: BundleStore, fetcher: BundleFetcher, activate: Callable[[Bundle], None], *,
-                 roles: tuple[str, ...] = ("onnx_int8",), pinned: str | None = None) -> None:
+                 roles: tuple[str, ...] = ("onnx_int8",), pinned: str | None = None,
+                 retry_s: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0)) -> None:
         self.store, self.fetcher, self.activate = store, fetcher, activate
-        self.roles, self.pinned = roles, pinned
+        self.roles, self.pinned, self.retry_s = roles, pinned, retry_s
+        self._retry: tuple[ModelAnnouncePayload, float, int] | None = None  # (announcement, due, attempt)
         self.counters: Counter[str] = Counter()
+        self._last_counter: str | None = None
         self.last_error: str | None = None
         self._pending: ModelAnnouncePayload | None = None
         self._cv = threading.Condition()
@@ -154,6 +161,7 @@ class ModelUpdater:
             self._cv.notify_all()
 
     def _refuse(self, counter: str, reason: str) -> None:
+        self._last_counter = counter
         self.counters[counter] += 1
         self.last_error = reason
         log.error("model update refused (%s): %s", counter, reason)
@@ -162,15 +170,34 @@ class ModelUpdater:
         while True:
             with self._cv:
                 while self._pending is None and not self._stop:
-                    self._cv.wait()
+                    if self._retry is not None:
+                        wait = self._retry[1] - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._cv.wait(wait)
+                    else:
+                        self._cv.wait()
                 if self._stop:
                     return
-                ann, self._pending = self._pending, None
+                if self._pending is not None:  # a new announcement replaces a retry
+                    ann, self._pending, attempt = self._pending, None, 0
+                    self._retry = None
+                else:
+                    assert self._retry is not None
+                    ann, _, attempt = self._retry
+                    self._retry = None
+                    self.counters["retries"] += 1
             assert ann is not None
-            self.apply(ann)
+            if not self.apply(ann) and self._last_counter == "download":
+                delay = self.retry_s[min(attempt, len(self.retry_s) - 1)]
+                with self._cv:
+                    if self._pending is None:
+                        self._retry = (ann, time.monotonic() + delay, attempt + 1)
+                log.warning("model %s: download failed; retrying in %.0f s", ann.version, delay)
 
     def apply(self, ann: ModelAnnouncePayload) -> bool:
         """One announcement, synchronously; True when the announced version runs afterwards."""
+        self._last_counter = None
         current = self.store.current_version()
         if ann.version == current:
             self.counters["already_current"] += 1

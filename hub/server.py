@@ -155,7 +155,8 @@ def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | Non
             watcher = RolloutWatcher(config, make_session_factory(engine, immediate=True))
             watcher.start()
         web_sessions = make_session_factory(engine, immediate=True)  # requests read, then write (SQLite)
-        app = create_app(HubContext(config, web_sessions, blobs, ingest_counters=worker.counters))
+        app = create_app(HubContext(config, web_sessions, blobs, ingest_counters=worker.counters,
+                                    read_sessions=make_session_factory(engine)))
         url = f"http://{config.http.host}:{config.http.port}/"
         print(f"LineGuard hub: {url}  (MQTT {config.mqtt.url}{', embedded broker' if broker else ''}; "
               f"database {engine.url.render_as_string(hide_password=True)})", flush=True)

@@ -20,6 +20,9 @@ class HubContext:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     ingest_counters: Callable[[], dict[str, int]] | None = None
+    #: sessions for GET/HEAD requests, which only read: on SQLite without ``BEGIN IMMEDIATE``, so
+    #: that many readers (agents downloading a bundle) do not queue on the write lock
+    read_sessions: sessionmaker[Session] | None = None
     metrics: HubMetrics = field(init=False)
 
     def __post_init__(self) -> None:

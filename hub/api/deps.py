@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from hub.accounts import Principal, resolve_session, resolve_token
@@ -34,6 +36,8 @@ __all__ = [
     "require",
 ]
 
+log = logging.getLogger(__name__)
+
 SESSION_COOKIE = "lg_session"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -50,8 +54,10 @@ def get_context(request: Request) -> HubContext:
     return ctx
 
 
-def get_db(ctx: Annotated[HubContext, Depends(get_context)]) -> Iterator[Session]:
-    with ctx.sessions() as s:
+def get_db(request: Request, ctx: Annotated[HubContext, Depends(get_context)]) -> Iterator[Session]:
+    factory = ctx.read_sessions if ctx.read_sessions is not None and request.method in ("GET", "HEAD") \
+        else ctx.sessions
+    with factory() as s:
         yield s
 
 
@@ -67,7 +73,11 @@ def optional_principal(request: Request, db: Db) -> Principal | None:
                                 headers={"WWW-Authenticate": "Bearer"})
         p = resolve_token(db, secret.strip())
         if db.dirty:
-            db.commit()  # last_used_at, at most once a minute per token
+            try:
+                db.commit()  # last_used_at, at most once a minute per token
+            except OperationalError:  # a read-only request lost the write race: last_used_at can wait
+                db.rollback()
+                log.debug("token last_used_at not updated (database busy)")
         if p is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked token",
                                 headers={"WWW-Authenticate": "Bearer"})

@@ -28,7 +28,7 @@ from hub.core.config import HubMqttConfig
 from hub.mqtt import RetainedPublisher
 from hub.registry import register
 from hub.rollout import RolloutError, announce, bundle_base_url
-from lineguard_contract import ModelAnnouncePayload, StationId, Topics
+from lineguard_contract import ModelAnnouncePayload, StationId, Topics, encode
 from models.bundle import load_bundle, read_manifest, write_bundle
 from models.onnx_meta import write_metadata
 from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle
@@ -99,7 +99,11 @@ def fleet(hub_store: Any, tmp_path: Path) -> Iterator[Fleet]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app(HubContext(hub_store.config, hub_store.sessions, hub_store.blobs))
+    from hub.core.db import make_session_factory
+
+    engine = hub_store.sessions.kw["bind"]  # as hub.server.serve: writes IMMEDIATE, GETs on read sessions
+    app = create_app(HubContext(hub_store.config, make_session_factory(engine, immediate=True), hub_store.blobs,
+                                read_sessions=make_session_factory(engine)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -269,3 +273,27 @@ def test_a_running_agent_updates_without_dropping_frames_and_restarts_on_the_new
         agent.stop(drain_s=0)
     again = Agent(cfg, transport=MemoryTransport())  # after a restart: the store's current version
     assert again.detector.version == "2.0.0"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_failed_download_is_retried_with_backoff(fleet: Fleet) -> None:
+    store, updater, sw = fleet.agent()
+    updater.retry_s = (0.2, 0.4)
+    model = fleet.bundles["2.0.0"] / "model_int8.onnx"
+    hidden = model.with_name("away.onnx")
+    model.rename(hidden)  # the hub cannot serve it for a moment
+    updater.start()
+    try:
+        updater.handle(encode(fleet.announcement("2.0.0")))
+        deadline = time.monotonic() + 10
+        while updater.counters["download"] < 2:
+            assert time.monotonic() < deadline, updater.counters
+            time.sleep(0.02)
+        assert sw.version == "1.0.0" and "HTTP 404" in (updater.last_error or "")
+        hidden.rename(model)
+        while sw.version != "2.0.0":
+            assert time.monotonic() < deadline, (updater.counters, updater.last_error)
+            time.sleep(0.02)
+        assert updater.counters["retries"] >= 2 and updater.counters["updated"] == 1
+    finally:
+        updater.stop()

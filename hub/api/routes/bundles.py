@@ -34,4 +34,7 @@ def bundle_file(version: str, name: str, db: Db, _: CurrentUser) -> FileResponse
     path = root / name
     if not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"{name} of bundle {version} is not on this hub")
+    # end the transaction before the file streams: on SQLite the web sessions hold the write lock
+    # from their first statement, and 50 agents downloading at once must not queue on it
+    db.commit()
     return FileResponse(path, media_type="application/json" if name.endswith(".json") else "application/octet-stream")
