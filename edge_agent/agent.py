@@ -199,6 +199,14 @@ class Agent:
         m = self.cfg.model
         fetcher = BundleFetcher(token=os.environ.get(m.update_token_env), ca_file=m.update_ca_file)
         self.updater = ModelUpdater(self.store, fetcher, self._activate, roles=(m.role,), pinned=m.pinned_version)
+        counters = self.updater.counters
+
+        def reader(key: str) -> Callable[[], float]:
+            return lambda: float(counters[key])
+
+        for key in ("updated", "already_current", "retries", "downgrade", "download", "verify", "activate",
+                    "malformed"):
+            self.metrics.model_updates.labels(key).set_function(reader(key))
         self.updater.start()
         self.transport.subscribe(Topics().station(self.station, "model"),
                                  lambda topic, payload: self.updater.handle(payload))

@@ -48,6 +48,9 @@ class AgentMetrics:
                            "fallback/undecided frames, refusals, bytes sent, mode switches)", ["counter"], registry=r)
         self.split_local = Gauge("lineguard_split_local", "Split mode auto: 1 while running the local model",
                                  registry=r)
+        self.model_updates = Gauge("lineguard_model_updates", "Over-the-air updates since start: updated, retries, "
+                                   "and refusals by reason (downgrade, download, verify, activate, malformed)",
+                                   ["counter"], registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -269,6 +269,10 @@ def test_a_running_agent_updates_without_dropping_frames_and_restarts_on_the_new
         st = agent.batcher.stats()
         assert st.detector_errors == 0 and st.frames_failed == 0  # no batch failed, no frame lost to the swap
         assert agent.health().model_version == "2.0.0" and agent.uplink.model_version == "2.0.0"  # type: ignore[union-attr]
+        from prometheus_client import generate_latest
+
+        text = generate_latest(agent.metrics.registry).decode()
+        assert 'lineguard_model_updates{counter="updated"} 1.0' in text, text
     finally:
         agent.stop(drain_s=0)
     again = Agent(cfg, transport=MemoryTransport())  # after a restart: the store's current version
