@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.core.files import atomic_write_bytes
 from models.dataset_io import YoloDataset
 from models.detections import Detections
 from models.evaluate import EvalReport, evaluate_predictions, predict_split
@@ -157,19 +156,6 @@ def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
     return GateResult(not reasons, reasons, checks)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plots(out: Path, golden_candidate: Scored, golden_production: Scored) -> list[str]:
     import matplotlib
 
@@ -226,5 +212,5 @@ def write_report(out: Path, result: GateResult, *, candidate: str, production: s
            "new_data": None if new is None else {"candidate": new[0].to_dict(), "production": new[1].to_dict()},
            "files": files}
     path = out / "gate.json"
-    _atomic_write(path, (json.dumps(doc, indent=1, default=float) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(doc, indent=1, default=float) + "\n").encode())
     return path

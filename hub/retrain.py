@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +45,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
+from hub.core.files import atomic_write_json
 from hub.gate import GateRule, Scored, decide, fingerprint, score, write_report
+from hub.retrain_data import copy_split, dataset_names
 from hub.tables import Sample
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "next_version"]
@@ -108,19 +109,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, doc: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def next_version(versions: list[str]) -> str:
     """Minor + 1 over the highest ``MAJOR.MINOR.PATCH`` in ``versions``."""
     parsed = [tuple(int(p) for p in v.split(".")) for v in versions]
@@ -176,7 +164,7 @@ class RetrainJob:
         job_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{random.randrange(16**4):04x}"
         work = Path(root) / job_id
         work.mkdir(parents=True)
-        _write_json(work / "state.json", asdict(JobState(job_id, trigger, requested_by, created_at=_now())))
+        atomic_write_json(work / "state.json", asdict(JobState(job_id, trigger, requested_by, created_at=_now())))
         return cls(work, settings, sessions, blobs, **kw)
 
     @staticmethod
@@ -189,7 +177,7 @@ class RetrainJob:
         return out
 
     def _save(self) -> None:
-        _write_json(self.work / "state.json", asdict(self.state))
+        atomic_write_json(self.work / "state.json", asdict(self.state))
         if self.on_step:
             self.on_step(self.state)
 
@@ -241,7 +229,7 @@ class RetrainJob:
 
         bundle = load_bundle(Path(prod.bundle_path), roles=("checkpoint",))
         self.state.production_version = prod.version
-        _write_json(self.work / "snapshot.json", {
+        atomic_write_json(self.work / "snapshot.json", {
             "production_version": prod.version, "production_bundle": prod.bundle_path,
             "classes": list(bundle.manifest.classes), "input_size": list(bundle.manifest.input_size),
             "sample_pks": [r[0] for r in rows], "sample_ids": [r[1] for r in rows]})
@@ -260,21 +248,21 @@ class RetrainJob:
         shutil.rmtree(tmp, ignore_errors=True)
         counts: dict[str, dict[str, int]] = {"reviewed": {}, "replay": {}}
         for split in ("train", "val"):
-            counts["reviewed"][split] = _copy_split(reviewed, split, tmp, names, names)
+            counts["reviewed"][split] = copy_split(reviewed, split, tmp, names, names)
         if self.settings.replay_data is not None:
             replay = Path(self.settings.replay_data)
-            rnames = _names(replay)
+            rnames = dataset_names(replay)
             unknown = [n for n in rnames if n not in names]
             if unknown:
                 raise RetrainError(f"replay data {replay} has classes {unknown} the model does not know")
             for split, share in (("train", 1.0), ("val", 0.25)):
-                counts["replay"][split] = _copy_split(replay, split, tmp, rnames, names,
+                counts["replay"][split] = copy_split(replay, split, tmp, rnames, names,
                                                       limit=int(self.settings.replay_images * share), prefix="replay_")
         (tmp / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
                                                        "names": dict(enumerate(names))}, sort_keys=False))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        _write_json(self.work / "dataset.json", {"names": names, "counts": counts})
+        atomic_write_json(self.work / "dataset.json", {"names": names, "counts": counts})
         if not counts["reviewed"]["train"] and not counts["replay"].get("train"):
             raise RetrainError("no training images")
 
@@ -294,7 +282,7 @@ class RetrainJob:
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
                            weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
                            device=self.settings.device, workers=self.settings.workers)
-        _write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
+        atomic_write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
 
     def _step_release(self) -> None:
         from hub.registry import list_versions
@@ -380,34 +368,3 @@ class RetrainJob:
                                 data_snapshot=snap["sample_pks"], metrics=metrics)
             if not self.state.gate_passed and info.status == "candidate":
                 set_status(s, v, "rejected", actor="gate", reason="; ".join(self.state.gate_reasons))
-
-
-def _names(root: Path) -> list[str]:
-    raw = yaml.safe_load((root / "data.yaml").read_text())["names"]
-    return list(raw.values()) if isinstance(raw, dict) else list(raw)
-
-
-def _copy_split(src: Path, split: str, dst: Path, src_names: list[str], dst_names: list[str], *,
-                limit: int | None = None, prefix: str = "") -> int:
-    """Images of ``src``'s ``split`` (and their labels, class ids remapped by name) into ``dst``."""
-    images = sorted(p for p in (src / "images" / split).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if limit is not None and len(images) > limit:
-        images = sorted(random.Random(0).sample(images, limit))
-    remap = {i: dst_names.index(n) for i, n in enumerate(src_names)}
-    (dst / "images" / split).mkdir(parents=True, exist_ok=True)
-    (dst / "labels" / split).mkdir(parents=True, exist_ok=True)
-    for img in images:
-        shutil.copyfile(img, dst / "images" / split / f"{prefix}{img.name}")
-        lab = src / "labels" / split / f"{img.stem}.txt"
-        lines = []
-        if lab.exists():
-            for line in lab.read_text().splitlines():
-                if line.strip():
-                    c, *rest = line.split()
-                    lines.append(" ".join([str(remap[int(c)]), *rest]))
-        (dst / "labels" / split / f"{prefix}{img.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
-        parts = src / "parts" / split / f"{img.stem}.json"
-        if parts.exists():
-            (dst / "parts" / split).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(parts, dst / "parts" / split / f"{prefix}{img.stem}.json")
-    return len(images)
