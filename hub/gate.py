@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from hub.core.files import atomic_write_bytes
 from models.dataset_io import YoloDataset
 from models.detections import Detections
 from models.evaluate import EvalReport, evaluate_predictions, predict_split
+from models.fsutil import atomic_write_bytes
 from models.metrics import ApResult, DetectionMetrics, box_iou, match_predictions
 
 __all__ = ["GateResult", "GateRule", "Scored", "decide", "fingerprint", "score", "write_report"]

@@ -45,10 +45,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.core.files import atomic_write_json
 from hub.gate import GateRule, Scored, decide, fingerprint, score, write_report
 from hub.retrain_data import copy_split, dataset_names
 from hub.tables import Sample
+from models.fsutil import atomic_write_json
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "next_version"]
 

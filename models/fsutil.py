@@ -1,4 +1,4 @@
-"""Atomic file writes for the hub's own state files (job states, gate reports): temp file in the
+"""Atomic file writes (bundle manifests, the hub's job states and gate reports): a temp file in the
 same directory, fsync, rename over the target. A crash leaves the old file or the new one."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["atomic_write_bytes", "atomic_write_json"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -25,5 +25,5 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, indent=1, default=str) + "\n").encode())
+def atomic_write_json(path: Path, doc: Any, indent: int = 1) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=indent, default=str) + "\n").encode("utf-8"))
