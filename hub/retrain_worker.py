@@ -57,7 +57,7 @@ def run_retrain(config: HubConfig, *, trigger: str = "manual", requested_by: str
     settings = settings_from_config(config)
     engine = make_engine(config.db_url)
     upgrade(engine)
-    sessions = make_session_factory(engine)
+    sessions = make_session_factory(engine, immediate=True)  # SQLite: writes beside the ingest worker's
     blobs = FileBlobStore(config.blob_dir)
     root = jobs_root(config)
     bar = tqdm(total=len(STEPS), desc="retrain", unit="step", disable=not progress)

@@ -108,7 +108,7 @@ def rollout_cli(args: Any, config: HubConfig) -> int:
     engine = make_engine(config.db_url)
     try:
         upgrade(engine)
-        sessions = make_session_factory(engine)
+        sessions = make_session_factory(engine, immediate=True)
         with sessions.begin() as s, RetainedPublisher(config.mqtt, f"lineguard-hub-cli-{args.actor}"[:64]) as pub:
             v = args.version
             if args.rollout_cmd == "start":
