@@ -137,8 +137,16 @@ def test_hub_killed_mid_stream_falls_back_and_returns(heads: Any, agent_transpor
     st = det.stats()
     assert st["state"] == "local" and st["switches_to_local"] == 1, st
     assert st["fallback_frames"] == 2 and st["local_frames"] == 8, st  # 2 misses, then local without waiting
-    assert max(times) < 0.4 + 1.0, times  # never much past the deadline (+ the local model's own time)
-    assert max(times[2:]) < 0.4, times  # once local, no waiting for the hub at all
+    # the local model's own time for the same frames, now (on a loaded machine it is not 40 ms)
+    alone = local(bundle)
+    alone.load()
+    own = []
+    for f in frames[5:15]:
+        t = time.monotonic()
+        alone.detect([f])
+        own.append(time.monotonic() - t)
+    assert max(times) < 0.4 + max(own) + 0.5, (times, own)  # never much past the deadline
+    assert max(times[2:]) < max(own) + 0.3, (times, own)  # once local, no waiting for the hub (0.4 s) at all
     heads()  # the hub is back
     deadline = time.monotonic() + 15
     i = 15
