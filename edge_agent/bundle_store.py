@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import Bundle, BundleError, load_bundle
+from models.fsutil import fsync_dir
 from models.signing import check_version_change, verify_bundle
 
 __all__ = ["BundleStore", "BundleStoreError"]
@@ -36,14 +37,6 @@ log = logging.getLogger(__name__)
 
 class BundleStoreError(RuntimeError):
     """No usable bundle, or an install refused; the message says why."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BundleStore:
@@ -106,10 +99,10 @@ class BundleStore:
                     if f.is_file():
                         with open(f, "rb") as fh:
                             os.fsync(fh.fileno())
-                _fsync_dir(copy)
+                fsync_dir(copy)
                 self._load(copy)  # what landed on this disk, not what was sent
                 os.replace(copy, final)
-                _fsync_dir(self.versions)
+                fsync_dir(self.versions)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         installed = self._load(final)
@@ -144,4 +137,4 @@ class BundleStore:
         tmp.unlink(missing_ok=True)
         os.symlink(os.path.relpath(target, self.root), tmp)
         os.replace(tmp, self.root / name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)

@@ -17,6 +17,8 @@ import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from models.fsutil import fsync_dir
+
 __all__ = ["BlobStore", "FileBlobStore", "sha256_hex"]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -76,7 +78,7 @@ class FileBlobStore(BlobStore):
                 os.unlink(tmp)
             raise
         if self.fsync:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return sha
 
     def get(self, sha: str) -> bytes:
@@ -89,9 +91,3 @@ class FileBlobStore(BlobStore):
         return self.path(sha).is_file()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,3 +27,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, doc: Any, indent: int = 1) -> None:
     atomic_write_bytes(path, (json.dumps(doc, indent=indent, default=str) + "\n").encode("utf-8"))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
