@@ -4,8 +4,11 @@ pointing at it, JPEG bytes and sample payloads, and a paho publisher."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,3 +161,35 @@ def hub_store(db_url: str, tmp_path: Path) -> Iterator[HubStore]:
     upgrade(engine)
     yield HubStore(config, make_session_factory(engine), FileBlobStore(config.blob_dir, fsync=False))
     engine.dispose()
+
+
+@contextlib.contextmanager
+def live_app(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def hub_app(config: HubConfig, engine: Any, blobs: Any) -> Any:
+    """The hub app wired as ``hub.server.serve`` wires it: writes in IMMEDIATE transactions (SQLite),
+    GET/HEAD requests on plain read sessions."""
+    from hub.api import HubContext, create_app
+    from hub.core.db import make_session_factory
+
+    return create_app(HubContext(config, make_session_factory(engine, immediate=True), blobs,
+                                 read_sessions=make_session_factory(engine)))

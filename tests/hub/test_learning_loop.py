@@ -7,10 +7,9 @@ the agent runs 1.3.0 and keeps sending samples."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,6 @@ pytest.importorskip("ultralytics")
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.config import build_config as agent_config  # noqa: E402
 from hub.accounts import create_token, create_user  # noqa: E402
-from hub.api import HubContext, create_app  # noqa: E402
 from hub.core.config import build_config  # noqa: E402
 from hub.core.db import make_session_factory  # noqa: E402
 from hub.gate import GateRule  # noqa: E402
@@ -36,6 +34,7 @@ from hub.tables import Sample  # noqa: E402
 from lineguard_contract import StationId  # noqa: E402
 from models.signing import generate_keypair, load_private_key, sign_bundle  # noqa: E402
 from models.synth.dataset import generate_dataset  # noqa: E402
+from tests.hub.conftest import hub_app, live_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STATION = StationId("plant1", "lineA", "st03")
@@ -52,8 +51,6 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, mosquitto_broker: Any, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
     priv, pub = generate_keypair(tmp_path / "keys")
     prod = tmp_path / "bundles" / "1.2.0"
     shutil.copytree(ROOT / "models" / "default", prod, ignore=shutil.ignore_patterns("split_*"))
@@ -67,15 +64,8 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         create_user(s, "rita", "pw-long-enough-1", "reviewer")
         create_user(s, "fleet", "pw-long-enough-2", "viewer")
         rita, fleet = create_token(s, "rita", "review"), create_token(s, "fleet", "agents")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    app = create_app(HubContext(config, make_session_factory(engine, immediate=True), hub_store.blobs,
-                                read_sessions=make_session_factory(engine)))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    threading.Thread(target=server.run, daemon=True).start()
-    _wait(lambda: server.started, 10, "uvicorn did not start")
-    url = f"http://127.0.0.1:{port}"
+    stack = contextlib.ExitStack()
+    url = stack.enter_context(live_app(hub_app(config, engine, hub_store.blobs)))
     ingest = IngestWorker(config, blobs=hub_store.blobs, migrate=False)
     ingest.start()
     monkeypatch.setenv("LINEGUARD_AGENT_TOKEN", fleet)
@@ -141,4 +131,4 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
     finally:
         agent.stop(drain_s=0)
         ingest.stop()
-        server.should_exit = True
+        stack.close()

@@ -6,8 +6,6 @@ downgrade are refused, logged and counted, and the old model keeps running."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,6 @@ from edge_agent.mqtt import MqttConfig, MqttTransport
 from edge_agent.ota import BundleFetcher, ModelUpdater
 from edge_agent.swap import SwappableDetector
 from hub.accounts import create_token
-from hub.api import HubContext, create_app
 from hub.core.config import HubMqttConfig
 from hub.mqtt import RetainedPublisher
 from hub.registry import register
@@ -32,6 +29,7 @@ from lineguard_contract import ModelAnnouncePayload, StationId, Topics, encode
 from models.bundle import load_bundle, read_manifest, write_bundle
 from models.onnx_meta import write_metadata
 from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle
+from tests.hub.conftest import hub_app, live_app
 
 ROOT = Path(__file__).resolve().parents[2]
 STATION = StationId("plant1", "lineA", "st03")
@@ -82,8 +80,6 @@ class Fleet:
 
 @pytest.fixture
 def fleet(hub_store: Any, tmp_path: Path) -> Iterator[Fleet]:
-    import uvicorn
-
     priv, pub = generate_keypair(tmp_path / "keys")
     other, _ = generate_keypair(tmp_path / "other", name="someone-else")
     base = ROOT / "models" / "default"
@@ -96,24 +92,8 @@ def fleet(hub_store: Any, tmp_path: Path) -> Iterator[Fleet]:
         for v in ("2.0.0", "2.1.0", "3.0.0", "3.1.0"):
             register(s, bundles[v], actor="test")
         token = create_token(s, "agents", "fleet")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    from hub.core.db import make_session_factory
-
-    engine = hub_store.sessions.kw["bind"]  # as hub.server.serve: writes IMMEDIATE, GETs on read sessions
-    app = create_app(HubContext(hub_store.config, make_session_factory(engine, immediate=True), hub_store.blobs,
-                                read_sessions=make_session_factory(engine)))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield Fleet(f"http://127.0.0.1:{port}", token, hub_store.sessions, bundles, (priv, pub), other, tmp_path)
-    server.should_exit = True
-    thread.join(10)
+    with live_app(hub_app(hub_store.config, hub_store.sessions.kw["bind"], hub_store.blobs)) as url:
+        yield Fleet(url, token, hub_store.sessions, bundles, (priv, pub), other, tmp_path)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

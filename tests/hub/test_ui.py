@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from sqlalchemy import select
 from hub.api import HubContext, create_app
 from hub.tables import Review, Sample
 from lineguard_contract import Detection, SamplePayload
+from tests.hub.conftest import live_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("LINEGUARD_TEST_ARTIFACTS",
@@ -52,28 +51,15 @@ class LiveHub:
 
 @pytest.fixture
 def live_hub(hub_store: Any, sample_factory: Callable[..., SamplePayload]) -> Iterator[LiveHub]:
-    import uvicorn
-
     box = [195.0, 140.0, 305.0, 200.0]
     samples = hub_store.ingest([sample_factory(seed=i, width=640, height=360, image=frame_jpeg(i),
                                                detections=[Detection(cls="scratch", score=0.8 - i / 10, box=box)])
                                 for i in range(3)])
     hub_store.add_users(PASSWORD, rita="reviewer", vera="viewer")
     sessions = hub_store.sessions
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     app = create_app(HubContext(hub_store.config, sessions, hub_store.blobs))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield LiveHub(f"http://127.0.0.1:{port}", sessions, samples)
-    server.should_exit = True
-    thread.join(10)
+    with live_app(app) as url:
+        yield LiveHub(url, sessions, samples)
 
 
 @pytest.fixture
