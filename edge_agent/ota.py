@@ -216,7 +216,7 @@ class ModelUpdater:
             return False
         try:
             bundle = self.store.install(dest, pinned=pinned)
-        except (SignatureError, Exception) as e:  # bad signature, wrong key, tampered file
+        except Exception as e:  # SignatureError (bad or missing signature, wrong key), BundleError (a hash)
             self._refuse("verify", f"{ann.version}: {e}")
             shutil.rmtree(dest, ignore_errors=True)  # the bytes were wrong: fetch afresh next time
             return False

@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace, config: HubConfig) -> int:
     if args.cmd == "serve":
         from hub.server import serve
 
-        return serve(config, log_level="debug" if args.verbose else "info", config_path=args.config)
+        return serve(config, log_level="debug" if args.verbose else "info")
     if args.cmd == "heads":
         if config.heads is None:
             print("lineguard-hub: heads: the config has no heads section (bundles to serve)", file=sys.stderr)

@@ -50,7 +50,8 @@ from hub.retrain_data import copy_split, dataset_names
 from hub.tables import Sample
 from models.fsutil import atomic_write_json
 
-__all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "next_version"]
+__all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "job_lock",
+           "next_version"]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def next_version(versions: list[str]) -> str:
 
 
 @contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
+def job_lock(lock: Path) -> Iterator[None]:
+    """Hold the one-job-at-a-time lock; :class:`RetrainBusy` when another process holds it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         try:
@@ -182,7 +184,7 @@ class RetrainJob:
             self.on_step(self.state)
 
     def run(self) -> JobState:
-        with _exclusive(self.work.parent / ".lock"):
+        with job_lock(self.work.parent / ".lock"):
             st = self.state
             if st.status in ("succeeded", "rejected", "failed"):
                 return st

@@ -9,6 +9,7 @@ server's process, let alone in a request. At start it resumes an unfinished job 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,12 +18,14 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from hub.core.config import HubConfig
 from hub.gate import GateRule
 from hub.retrain import STEPS, JobState, RetrainJob, RetrainSettings
 from hub.schedule import CronSchedule
 
-__all__ = ["RetrainScheduler", "jobs_root", "run_retrain", "settings_from_config"]
+__all__ = ["RetrainScheduler", "jobs_root", "run_retrain", "settings_from_config", "spawn_retrain"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,19 @@ def settings_from_config(config: HubConfig) -> RetrainSettings:
                            val_share=rc.val_share, min_reviewed=rc.min_reviewed,
                            rule=GateRule(max_recall_drop=rc.max_recall_drop_points / 100,
                                          min_new_data_gain=rc.min_new_data_gain_points / 100))
+
+
+def spawn_retrain(config: HubConfig, *, trigger: str, requested_by: str) -> subprocess.Popen[bytes]:
+    """``lineguard-hub retrain`` as a child process with exactly this hub's configuration (written to
+    ``<data_dir>/retrain/.config.yaml``; it holds no secrets: those come from the environment)."""
+    root = jobs_root(config)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg, tmp = root / ".config.yaml", root / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(json.loads(config.model_dump_json(exclude_none=True))))
+    tmp.replace(cfg)
+    return subprocess.Popen([sys.executable, "-m", "hub.cli", "retrain", "-c", str(cfg), "--no-progress",
+                             "--trigger", trigger, "--by", requested_by],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def run_retrain(config: HubConfig, *, trigger: str = "manual", requested_by: str = "cli",
@@ -84,9 +100,9 @@ def run_retrain(config: HubConfig, *, trigger: str = "manual", requested_by: str
 class RetrainScheduler:
     """``start()``/``stop()``; runs ``lineguard-hub retrain`` at each time of the cron schedule."""
 
-    def __init__(self, config: HubConfig, config_path: Path | None) -> None:
+    def __init__(self, config: HubConfig) -> None:
         assert config.retrain is not None and config.retrain.schedule is not None
-        self.config, self.config_path = config, config_path
+        self.config = config
         self.schedule = CronSchedule.parse(config.retrain.schedule)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="retrain-scheduler", daemon=True)
@@ -99,19 +115,12 @@ class RetrainScheduler:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "hub.cli", "retrain", "--trigger", "schedule", "--no-progress",
-               "--data-dir", str(self.config.data_dir), "--database", self.config.db_url]
-        if self.config_path is not None:
-            cmd += ["-c", str(self.config_path)]
-        return cmd
-
     def run_once(self) -> int:
-        proc = subprocess.run(self._command(), check=False)
-        self.runs.append(proc.returncode)
-        log.log(logging.INFO if proc.returncode in (0, 3) else logging.ERROR,
-                "scheduled retraining finished with exit code %d", proc.returncode)
-        return proc.returncode
+        returncode = spawn_retrain(self.config, trigger="schedule", requested_by="schedule").wait()
+        self.runs.append(returncode)
+        log.log(logging.INFO if returncode in (0, 3) else logging.ERROR,
+                "scheduled retraining finished with exit code %d", returncode)
+        return returncode
 
     def _loop(self) -> None:
         root = jobs_root(self.config)

@@ -117,7 +117,7 @@ def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWork
     return worker
 
 
-def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | None = None) -> int:
+def serve(config: HubConfig, *, log_level: str = "info") -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
     if config.embedded_broker:
@@ -134,7 +134,7 @@ def serve(config: HubConfig, *, log_level: str = "info", config_path: Path | Non
     if config.retrain is not None and config.retrain.schedule is not None:
         from hub.retrain_worker import RetrainScheduler
 
-        scheduler = RetrainScheduler(config, config_path)
+        scheduler = RetrainScheduler(config)
         scheduler.start()
         log.info("retraining scheduled: %s (UTC)", config.retrain.schedule)
     try:

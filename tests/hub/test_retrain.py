@@ -19,7 +19,7 @@ pytest.importorskip("ultralytics")
 
 from hub.gate import GateRule  # noqa: E402
 from hub.registry import get, list_versions, register  # noqa: E402
-from hub.retrain import STEPS, RetrainBusy, RetrainJob, RetrainSettings, _exclusive, next_version  # noqa: E402
+from hub.retrain import STEPS, RetrainBusy, RetrainJob, RetrainSettings, job_lock, next_version  # noqa: E402
 from hub.review import Box, add_class, apply_review  # noqa: E402
 from hub.tables import Sample, User  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
@@ -138,10 +138,10 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
 
 
 def test_one_job_at_a_time(tmp_path: Path) -> None:
-    with _exclusive(tmp_path / ".lock"), pytest.raises(RetrainBusy, match="another retraining job"), \
-            _exclusive(tmp_path / ".lock"):
+    with job_lock(tmp_path / ".lock"), pytest.raises(RetrainBusy, match="another retraining job"), \
+            job_lock(tmp_path / ".lock"):
         pass
-    with _exclusive(tmp_path / ".lock"):  # released
+    with job_lock(tmp_path / ".lock"):  # released
         pass
 
 

@@ -24,7 +24,7 @@ def _config(tmp_path: Path) -> Path:
 def test_scheduled_run_without_a_production_model_fails_and_says_why(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     config = load_config(cfg)
-    sched = RetrainScheduler(config, cfg)
+    sched = RetrainScheduler(config)
     assert sched.schedule.next_after(datetime(2026, 11, 23, 3, 0, tzinfo=UTC)) == datetime(2026, 11, 30, 2, 0,
                                                                                            tzinfo=UTC)
     assert sched.run_once() == 1  # a child process: `lineguard-hub retrain --trigger schedule ...`
@@ -37,7 +37,7 @@ def test_scheduled_run_without_a_production_model_fails_and_says_why(tmp_path: P
 
 def test_scheduler_stops_promptly(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
-    sched = RetrainScheduler(load_config(cfg), cfg)
+    sched = RetrainScheduler(load_config(cfg))
     sched.start()
     t0 = datetime.now(UTC)
     sched.stop()

@@ -4,22 +4,18 @@ the request: the POST returns 202 at once; progress is the job's state."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 
 from hub.accounts import Principal
 from hub.api.context import HubContext
 from hub.api.deps import CurrentUser, get_context, require
-from hub.retrain import JobState, RetrainBusy, _exclusive
-from hub.retrain_worker import jobs_root
+from hub.retrain import JobState, RetrainBusy, job_lock
+from hub.retrain_worker import jobs_root, spawn_retrain
 
 __all__ = ["list_jobs", "router", "start_job"]
 
@@ -50,19 +46,12 @@ def report(job_id: str, name: str, ctx: Ctx, _: CurrentUser) -> FileResponse:
 
 
 def start_job(ctx: HubContext, username: str) -> int:
-    """Start ``lineguard-hub retrain`` as a child process with this hub's configuration; its pid.
-    :class:`RetrainBusy` while a job runs."""
+    """Start a retraining job as a child process; its pid. :class:`RetrainBusy` while a job runs."""
     root = _root(ctx)
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / ".lock"):
+    with job_lock(root / ".lock"):
         pass
-    cfg, tmp = root / ".config.yaml", root / ".config.yaml.tmp"  # the child gets exactly this hub's configuration
-    tmp.write_text(yaml.safe_dump(json.loads(ctx.config.model_dump_json(exclude_none=True))))
-    tmp.replace(cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "hub.cli", "retrain", "-c", str(cfg), "--no-progress",
-                             "--by", username], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    return proc.pid
+    return spawn_retrain(ctx.config, trigger="manual", requested_by=username).pid
 
 
 def list_jobs(ctx: HubContext, limit: int = 50) -> list[dict[str, Any]]:
