@@ -11,17 +11,19 @@ gets :class:`RetrainBusy`). Steps:
    classes reviewers added after them: a new defect class gets the next id), plus a replay buffer
    of ``replay_images`` earlier images (the dataset the production model was trained on), so that
    old classes are not forgotten.
-3. ``train``: Ultralytics, starting from the production checkpoint (a new class: the class head is
-   resized and the other weights carried over by Ultralytics).
+3. ``train``: Ultralytics, starting from the production checkpoint; a new class widens the class
+   head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept). The
+   ``retrain`` presets freeze the backbone (layers 0-9), so a split model's device part is unchanged.
 4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
    (:func:`models.release.release_bundle`), version = production's minor + 1.
-5. ``gate``: candidate and production scored on the golden set and on the new reviewed data
+5. ``split``: when production has split parts, the candidate gets its own: the same device part
+   and bottleneck (checked: layers 0..cut are production's, tensor for tensor), the hub part rebuilt
+   from the new layers (INT8, calibrated on the training data). Skipped for an unsplit production.
+6. ``gate``: candidate and production scored on the golden set and on the new reviewed data
    (:mod:`hub.gate`); the report lands in the job directory and in the bundle directory.
-6. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
-7. ``register``: in the model registry as ``candidate`` (passed) or ``rejected`` (failed), with the
+7. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
+8. ``register``: in the model registry as ``candidate`` (passed) or ``rejected`` (failed), with the
    training data snapshot and the gate's figures.
-
-Not yet here (issue 6, next): rebuilding the split parts for the new weights.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ from hub.tables import Sample
 from models.fsutil import atomic_write_json
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "job_lock",
+           "mapped_predictor",
            "next_version"]
 
 log = logging.getLogger(__name__)
 
-STEPS = ("snapshot", "dataset", "train", "release", "gate", "sign", "register")
+STEPS = ("snapshot", "dataset", "train", "release", "split", "gate", "sign", "register")
 
 
 class RetrainError(RuntimeError):
@@ -132,7 +135,8 @@ def job_lock(lock: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _mapped(predict: Callable[..., Any], model_names: list[str], dataset_names: list[str]) -> Callable[..., Any]:
+def mapped_predictor(predict: Callable[..., Any], model_names: list[str],
+                     dataset_names: list[str]) -> Callable[..., Any]:
     """Detections of a model in a dataset's class ids (by name); classes the dataset lacks dropped."""
     to = {i: dataset_names.index(n) for i, n in enumerate(model_names) if n in dataset_names}
     if all(to.get(i) == i for i in range(len(model_names))):
@@ -281,6 +285,12 @@ class RetrainJob:
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs, resume=True)
         else:
             ckpt = load_bundle(Path(snap["production_bundle"]), roles=("checkpoint",)).path("checkpoint")
+            names = json.loads((self.work / "dataset.json").read_text())["names"]
+            if names != snap["classes"]:  # reviewers added classes: widen the head, keep the old rows
+                from models.class_head import widen_class_head
+
+                ckpt = widen_class_head(ckpt, names, self.work / "start.pt")
+                log.info("retrain %s: class head widened %s -> %s", self.state.job_id, snap["classes"], names)
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
                            weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
                            device=self.settings.device, workers=self.settings.workers)
@@ -300,14 +310,36 @@ class RetrainJob:
                        imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True, progress=False)
         self.state.candidate_version = version
 
+    def _step_split(self) -> None:
+        from models.bundle import load_bundle
+
+        snap = self._snapshot()
+        prod = load_bundle(Path(snap["production_bundle"]), roles=())
+        if not prod.manifest.split:
+            log.info("retrain %s: production %s is not split: no split parts to rebuild", self.state.job_id,
+                     prod.manifest.version)
+            return
+        entry = prod.manifest.files.get("split_bottleneck")
+        if entry is None or not (prod.dir / entry.path).is_file():
+            log.warning("retrain %s: production %s is split but its bottleneck is not on this hub (%s): the "
+                        "candidate gets no split parts", self.state.job_id, prod.manifest.version,
+                        Path(snap["production_bundle"]))
+            return
+        from models.split_rebuild import rebuild_split_parts
+
+        assert self.state.candidate_version
+        cand = Path(self.settings.bundles_dir) / self.state.candidate_version
+        rebuild_split_parts(Path(snap["production_bundle"]), cand, calib_data=self.work / "train_data",
+                            work=self.work / "split")
+
     def _score_pair(self, dataset: Any, cand: Any, prod: Any) -> tuple[Scored, Scored]:
         from models.onnx_predict import OnnxPredictor
 
         out = []
         for b in (cand, prod):
             m = b.manifest
-            predict = _mapped(OnnxPredictor(b.path("onnx_int8"), multi_label=True), list(m.classes),
-                              list(dataset.names))
+            predict = mapped_predictor(OnnxPredictor(b.path("onnx_int8"), multi_label=True), list(m.classes),
+                                       list(dataset.names))
             conf = float(m.postprocessing.get("operating_conf") or m.postprocessing.conf)
             out.append(score(predict, dataset, "val", conf, iou=self.settings.rule.iou))
         return out[0], out[1]

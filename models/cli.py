@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from models.synth.lines import LINES
+
 __all__ = ["main"]
 
 log = logging.getLogger("lineguard.model")
@@ -24,9 +26,10 @@ def _synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not args.videos_only:
-        path = generate_dataset(out / "dataset", seed=args.seed, preset=args.preset, workers=args.workers)
+        path = generate_dataset(out / "dataset", seed=args.seed, preset=args.preset, workers=args.workers,
+                                line=args.line)
         print(f"dataset: {path}", file=sys.stderr)
-    if not args.dataset_only:
+    if not args.dataset_only and args.line == "default":
         for w, h in ((1280, 720), (1920, 1080)):
             mp4 = out / "videos" / f"line_{h}p.mp4"
             generate_video(mp4, mp4.with_suffix(".truth.jsonl"), seed=args.seed, seconds=args.seconds,
@@ -146,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="generate the synthetic inspection line (dataset and videos)")
     s.add_argument("--out", default="data/synth")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--preset", default="default", help="dataset size preset: default, small, tiny")
+    s.add_argument("--preset", default="default", help="dataset size preset: default, field, small, tiny")
+    s.add_argument("--line", default="default", choices=sorted(LINES),
+                   help="products and defects: default; porosity (a new defect type); cover (a new "
+                        "product); videos are of the default line only")
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--seconds", type=float, default=60.0, help="length of each video")
     s.add_argument("--dataset-only", action="store_true")

@@ -54,7 +54,11 @@ def export_bottleneck(bundle: Bundle, bottleneck: Path, out_dir: Path, data: Pat
 
 
 def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: str, out: Path,
-                    overwrite: bool = False, metrics: dict[str, Any] | None = None) -> Manifest:
+                    overwrite: bool = False, metrics: dict[str, Any] | None = None,
+                    parent_version: str | None = None) -> Manifest:
+    """``bundle_dir`` plus the split parts of ``bottleneck``, as ``version`` in ``out``; the parent
+    is ``bundle_dir``'s version unless ``parent_version`` says otherwise (the bundle itself,
+    given its split parts in place)."""
     bundle = load_bundle(bundle_dir, roles=("onnx_fp32", "onnx_int8", "checkpoint"))
     m = bundle.manifest
     with tempfile.TemporaryDirectory(prefix="lg_split_") as tmp:
@@ -80,7 +84,7 @@ def add_split_parts(bundle_dir: Path, bottleneck: Path, data: Path, *, version: 
             "metrics": metrics or {},
         }
         manifest = write_bundle(
-            out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
+            out, name=m.name, version=version, parent_version=parent_version or m.version, classes=m.classes,
             input_size=m.input_size, files=files, preprocessing=m.preprocessing, postprocessing=m.postprocessing,
             quantization=m.quantization, metrics=m.metrics, training=m.training, split=split,
             overwrite=overwrite)

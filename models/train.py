@@ -65,16 +65,27 @@ PRESETS: dict[str, TrainPreset] = {
     ),
     # The hub's incremental retraining (hub/retrain.py): from the production checkpoint, on the
     # reviewed samples plus a replay buffer, at a low learning rate so old classes are kept.
+    # Layers 0-4 stay frozen (a split model's device part, cut 4, stays valid; the old classes'
+    # low-level features are kept); freezing the whole backbone (0-9) learned a new product too
+    # slowly (docs/learning_loop.md).
     "retrain": TrainPreset(
-        name="retrain", imgsz=960, epochs=10, batch=16,
-        overrides={**_AUGMENT, "close_mosaic": 3, "optimizer": "AdamW", "lr0": 0.0005, "lrf": 0.1,
-                   "warmup_epochs": 0.5, "patience": 0, "plots": False},
+        name="retrain", imgsz=960, epochs=20, batch=16,
+        overrides={**_AUGMENT, "close_mosaic": 3, "optimizer": "AdamW", "lr0": 0.001, "lrf": 0.1,
+                   "warmup_epochs": 0.5, "patience": 0, "plots": False, "freeze": 5},
+    ),
+    # The same on a hub without a GPU (the 2-core CPU target): no mosaic, frames letterboxed to
+    # 544x960 as the agents see them (``rect``: 57% of a 960x960 square's pixels), epochs fitted to
+    # the job's ``hours``.
+    "retrain-cpu": TrainPreset(
+        name="retrain-cpu", imgsz=960, epochs=20, batch=16,
+        overrides={**_AUGMENT, "mosaic": 0.0, "close_mosaic": 0, "rect": True, "optimizer": "AdamW",
+                   "lr0": 0.001, "lrf": 0.1, "warmup_epochs": 0.5, "patience": 0, "plots": False, "freeze": 10},
     ),
     # Retraining at CI scale (tests): one epoch at 160 px.
     "retrain-ci": TrainPreset(
         name="retrain-ci", imgsz=160, epochs=1, batch=4,
         overrides={**_AUGMENT, "mosaic": 0.0, "close_mosaic": 0, "plots": False, "val": False,
-                   "optimizer": "AdamW", "lr0": 0.0005, "warmup_epochs": 0},
+                   "optimizer": "AdamW", "lr0": 0.0005, "warmup_epochs": 0, "freeze": 10},
     ),
     # A quick model for tests and CI: a few minutes on 2 CPU cores.
     "ci": TrainPreset(

@@ -78,7 +78,7 @@ class HubRetrainConfig(BaseModel):
     golden: Path = Field(description="the fixed golden dataset (a val split) the gate scores every candidate on")
     replay_data: Path | None = Field(None, description="earlier training data; a replay buffer is drawn from it")
     replay_images: int = Field(600, ge=0, description="replay buffer size (training images)")
-    preset: str = Field("retrain", pattern=r"^retrain(-ci)?$", description="models/train.py preset")
+    preset: str = Field("retrain", pattern=r"^retrain(-ci|-cpu)?$", description="models/train.py preset")
     epochs: int | None = Field(None, ge=1, description="override the preset's epochs")
     hours: float | None = Field(None, gt=0, description="cap the training's wall time")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|\d+)$", description="default: Ultralytics' choice")

@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from models.synth.lines import LINES, LineSpec, get_line
 from models.synth.scene import render_scene
-from models.taxonomy import DEFAULT_CLASSES, PRODUCT_TYPES
 
 __all__ = ["GENERATOR_VERSION", "PRESETS", "SPLITS", "DatasetPreset", "generate_dataset", "render_item"]
 
@@ -49,6 +49,9 @@ class DatasetPreset:
 
 PRESETS: dict[str, DatasetPreset] = {
     "default": DatasetPreset("default", 6000, 600, 900),
+    # A new line's first weeks (issue 6): a pool of frames reviewers label (train) and a
+    # held-out set the learning-loop benchmark scores before and after retraining (test).
+    "field": DatasetPreset("field", 200, 0, 400),
     "small": DatasetPreset("small", 48, 16, 24),
     "tiny": DatasetPreset("tiny", 8, 4, 4),
 }
@@ -60,10 +63,12 @@ def _yolo_line(cls: int, box: tuple[float, float, float, float], width: int, hei
     return f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
 
 
-def render_item(seed: int, split: str, index: int, preset: DatasetPreset) -> tuple[bytes, str, dict]:
-    """JPEG bytes, YOLO label text and part sidecar of image ``index`` of ``split``."""
-    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    scene = render_scene(rng, preset.width, preset.height, preset.empty_prob)
+def render_item(seed: int, split: str, index: int, preset: DatasetPreset,
+                line: LineSpec = LINES["default"]) -> tuple[bytes, str, dict]:
+    """JPEG bytes, YOLO label text and part sidecar of image ``index`` of ``split`` of ``line``."""
+    key = [seed, _SPLIT_IDS[split], index] + ([line.seed_tag] if line.seed_tag else [])
+    rng = np.random.default_rng(key)
+    scene = render_scene(rng, preset.width, preset.height, preset.empty_prob, line)
     ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, scene.jpeg_quality])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -71,17 +76,17 @@ def render_item(seed: int, split: str, index: int, preset: DatasetPreset) -> tup
     return buf.tobytes(), labels, {"parts": scene.parts}
 
 
-def _write_item(job: tuple[str, int, str, int, DatasetPreset]) -> dict:
-    root, seed, split, index, preset = job
-    image, labels, sidecar = render_item(seed, split, index, preset)
+def _write_item(job: tuple[str, int, str, int, DatasetPreset, LineSpec]) -> dict:
+    root, seed, split, index, preset, line = job
+    image, labels, sidecar = render_item(seed, split, index, preset, line)
     name = f"{index:06d}"
     base = Path(root)
     (base / "images" / split / f"{name}.jpg").write_bytes(image)
     (base / "labels" / split / f"{name}.txt").write_text(labels)
     (base / "parts" / split / f"{name}.json").write_text(json.dumps(sidecar))
-    per_class = [0] * len(DEFAULT_CLASSES)
-    for line in labels.splitlines():
-        per_class[int(line.split()[0])] += 1
+    per_class = [0] * len(line.classes)
+    for row in labels.splitlines():
+        per_class[int(row.split()[0])] += 1
     parts = sidecar["parts"]
     return {
         "split": split,
@@ -96,27 +101,29 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _meta(seed: int, preset: DatasetPreset, results: list[dict]) -> dict:
+def _meta(seed: int, preset: DatasetPreset, line: LineSpec, results: list[dict]) -> dict:
     counts = {}
     for split in SPLITS:
         rows = [r for r in results if r["split"] == split]
-        per_class = np.sum([r["defects"] for r in rows], axis=0) if rows else [0] * len(DEFAULT_CLASSES)
+        per_class = np.sum([r["defects"] for r in rows], axis=0) if rows else [0] * len(line.classes)
         counts[split] = {
             "images": len(rows),
             "empty_images": sum(r["empty"] for r in rows),
             "parts": sum(r["parts"] for r in rows),
             "good_parts": sum(r["good"] for r in rows),
             "defective_parts": sum(r["parts"] - r["good"] for r in rows),
-            "defects": {name: int(n) for name, n in zip(DEFAULT_CLASSES, per_class, strict=False)},
+            "defects": {name: int(n) for name, n in zip(line.classes, per_class, strict=False)},
         }
+    extra = {} if line == LINES["default"] else {"line": line.name}  # default meta.json unchanged
     return {
         "generator": "models.synth",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "preset": asdict(preset),
-        "classes": list(DEFAULT_CLASSES),
-        "products": list(PRODUCT_TYPES),
+        "classes": list(line.classes),
+        "products": list(line.products),
         "counts": counts,
+        **extra,
     }
 
 
@@ -136,14 +143,16 @@ def generate_dataset(
     preset: str | DatasetPreset = "default",
     workers: int | None = None,
     progress: bool = True,
+    line: str | LineSpec = "default",
 ) -> Path:
-    """Generate a synthetic defect dataset in Ultralytics YOLO layout at ``out_dir``.
+    """Generate a synthetic defect dataset of ``line`` in Ultralytics YOLO layout at ``out_dir``.
 
     ``workers``: processes to use (None: all CPUs; 1: in this process). Output bytes do not
     depend on it. Returns the resolved ``out_dir``; an existing one is replaced only once the
     new dataset is complete, and a failure leaves no partial dataset behind.
     """
     p = PRESETS[preset] if isinstance(preset, str) else preset
+    spec = get_line(line) if isinstance(line, str) else line
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -152,7 +161,7 @@ def generate_dataset(
         for kind in ("images", "labels", "parts"):
             for split in SPLITS:
                 (tmp / kind / split).mkdir(parents=True)
-        jobs = [(str(tmp), seed, split, i, p) for split in SPLITS for i in range(p.count(split))]
+        jobs = [(str(tmp), seed, split, i, p, spec) for split in SPLITS for i in range(p.count(split))]
         n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
         bar = tqdm(total=len(jobs), desc=f"synth {p.name}", unit="img", disable=not progress)
         results: list[dict] = []
@@ -181,11 +190,11 @@ def generate_dataset(
             "train": "images/train",
             "val": "images/val",
             "test": "images/test",
-            "nc": len(DEFAULT_CLASSES),
-            "names": dict(enumerate(DEFAULT_CLASSES)),
+            "nc": len(spec.classes),
+            "names": dict(enumerate(spec.classes)),
         }
         (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        (tmp / "meta.json").write_text(json.dumps(_meta(seed, p, results), indent=2) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(_meta(seed, p, spec, results), indent=2) + "\n")
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The four defect classes, drawn onto an unrotated part surface.
+"""The defect types, drawn onto an unrotated part surface: the four default classes and porosity.
 
 Each drawer works on a small window around the defect, clips its effect to the part's valid
 surface (material, not holes or screw heads), checks the defect is big enough to be detectable
@@ -263,12 +263,54 @@ def _stain(rng: np.random.Generator, ctx: DefectContext) -> DrawnDefect | None:
     return drawn
 
 
-#: Drawer per class id (order of ``models.taxonomy.DEFAULT_CLASSES``).
+def _porosity(rng: np.random.Generator, ctx: DefectContext) -> DrawnDefect | None:
+    """Gas porosity: a cluster of small round pits (dark bottom, lit far rim), a casting defect
+    none of the four default classes looks like. Not drawn on the default line (issue 6's
+    "defect type the model never saw")."""
+    s = ctx.scale
+    spread = rng.uniform(10, 32) * s
+    n = int(rng.integers(6, 22))
+    cx, cy = ctx.points[rng.integers(len(ctx.points))]
+    win = _window(ctx, cx, cy, spread + 6 * s)
+    if win is None:
+        return None
+    ys, xs = win
+    yy, xx = np.mgrid[ys, xs].astype(np.float32)
+    depth = np.zeros(yy.shape, np.float32)
+    ang = rng.uniform(0, np.pi)
+    squash = rng.uniform(0.45, 1.0)
+    for _ in range(n):
+        u, v = rng.normal(0, 0.45, 2)
+        u, v = u * spread, v * spread * squash
+        px = cx + u * np.cos(ang) - v * np.sin(ang)
+        py = cy + u * np.sin(ang) + v * np.cos(ang)
+        r = rng.uniform(1.3, 3.6) * s
+        q = ((xx - px) ** 2 + (yy - py) ** 2) / (r * r)
+        depth = np.maximum(depth, np.where(q < 1.0, 1.0 - q * q, 0.0).astype(np.float32))
+    gy, gx = np.gradient(cv2.GaussianBlur(depth, (0, 0), 0.6 * s))
+    lx, ly = ctx.light
+    rim = gx * lx + gy * ly
+    rim /= float(np.abs(rim).max()) + 1e-6
+    v = ctx.valid[ys, xs]
+    _, lum = _surface_level(ctx, ys, xs)
+    dark = rng.uniform(0.55, 0.8) * lum
+    delta = (-dark * depth + rng.uniform(25, 45) * rim) * v
+    drawn = _accept(ctx, ys, xs, (depth > 0.25) & (v > 0.5))
+    if drawn is None:
+        return None
+    ctx.rgb[ys, xs] += delta[:, :, None]
+    np.clip(ctx.rgb[ys, xs], 0, 255, out=ctx.rgb[ys, xs])
+    return drawn
+
+
+#: Drawer per defect id: the ids of ``models.taxonomy.DEFECT_CATALOGUE`` (the four default
+#: classes first, in ``DEFAULT_CLASSES`` order, then defect types the default line never shows).
 DEFECT_DRAWERS: tuple[Callable[[np.random.Generator, DefectContext], DrawnDefect | None], ...] = (
     _scratch,
     _crack,
     _dent,
     _stain,
+    _porosity,
 )
 
 

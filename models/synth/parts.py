@@ -1,4 +1,4 @@
-"""Product surfaces: brackets, flanges and casings with their legitimate features.
+"""Product surfaces: brackets, flanges, casings (and covers) with their legitimate features.
 
 A :class:`Surface` is one part drawn unrotated on its own float32 canvas: colour, alpha (through
 holes are transparent), a height map (for edge/bevel shading) and a keep-out mask (screw and bolt
@@ -268,11 +268,63 @@ def _casing(rng: np.random.Generator, s: float, size: float) -> Surface:
     return Surface(rgb, mask, height, keepout)
 
 
+_PAINTS = (  # BGR paint colours of covers: signal blue, traffic orange, signal green, RAL yellow
+    (150, 80, 20), (20, 95, 215), (60, 135, 40), (20, 170, 220),
+)
+
+
+def _cover(rng: np.random.Generator, s: float, size: float) -> Surface:
+    """A painted sheet-metal cover: saturated paint, raised stiffening ribs, a louvre of vent
+    slots and two rivets. Not on the default line (issue 6's "product the model never saw");
+    its ribs and slots are straight features a scratch detector has never been shown as good."""
+    pw, ph = size * s, size * s * rng.uniform(0.5, 0.7)
+    cw, ch, cx, cy = _canvas(pw, ph, 6 * s)
+    x0, y0, x1, y1 = cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2
+    mask = np.zeros((ch, cw), np.uint8)
+    _round_corners(mask, _rect(x0, y0, x1, y1), rng.uniform(4, 10) * s)
+
+    paint = np.array(_PAINTS[int(rng.integers(len(_PAINTS)))], np.float32) * rng.uniform(0.8, 1.15)
+    grey = 1.0 + 0.02 * _texture("mottle", rng, ch, cw)
+    if rng.random() < 0.5:
+        grey += 0.5 * _specular(rng, ch, cw, pw) / float(paint.mean())
+    rgb = _tinted(grey.astype(np.float32), np.clip(paint, 5, 250))
+    height = (mask > 0).astype(np.float32)
+    keepout = np.zeros_like(mask)
+
+    # Stiffening ribs: long raised bars along the cover, on one side of the louvre.
+    n_ribs = int(rng.integers(2, 5))
+    rib_w = rng.uniform(5, 9) * s
+    louvre_left = rng.random() < 0.5
+    rx0 = x0 + pw * (0.5 if louvre_left else 0.12)
+    rx1 = x0 + pw * (0.88 if louvre_left else 0.5)
+    for k in range(n_ribs):
+        ry = y0 + ph * (k + 1) / (n_ribs + 1)
+        cv2.line(height, _pt(rx0, ry), _pt(rx1, ry), 1.35, max(1, int(round(rib_w))), cv2.LINE_AA, 4)
+
+    # Louvre: a grid of vent slots through the sheet.
+    sx0 = x0 + pw * (0.1 if louvre_left else 0.58)
+    slot_w, slot_h = pw * rng.uniform(0.22, 0.3), rng.uniform(3, 5) * s
+    rows = int(rng.integers(4, 8))
+    for r in range(rows):
+        sy = y0 + ph * 0.18 + r * (ph * 0.64) / max(1, rows - 1)
+        cv2.line(mask, _pt(sx0, sy), _pt(sx0 + slot_w, sy), 0, max(1, int(round(slot_h))), cv2.LINE_AA, 4)
+
+    # Two rivets on the short sides.
+    rr = rng.uniform(4, 6) * s
+    for rx in (x0 + 10 * s + rr, x1 - 10 * s - rr):
+        _disc(rgb, rx, cy, rr, (200.0, 200.0, 195.0))
+        _disc(height, rx, cy, rr, 1.3)
+        _disc(keepout, rx, cy, rr + 3 * s, 255)
+    height[mask == 0] = 0.0
+    return Surface(rgb, mask, height, keepout)
+
+
 #: Drawer of each product type: ``(rng, scale, size_at_1280) -> Surface``.
 PRODUCT_DRAWERS: dict[str, Callable[[np.random.Generator, float, float], Surface]] = {
     "bracket": _bracket,
     "flange": _flange,
     "casing": _casing,
+    "cover": _cover,
 }
 
 

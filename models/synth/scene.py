@@ -8,6 +8,7 @@ import numpy as np
 
 from models.synth.background import apply_rails, belt_band, belt_strip, sample_belt_style
 from models.synth.camera import apply_camera, sample_camera
+from models.synth.lines import LINES, LineSpec
 from models.synth.sprite import PartSprite, mark_boxes, part_box, paste_sprite, render_part, sample_part_spec
 
 __all__ = ["SceneResult", "render_scene"]
@@ -52,9 +53,11 @@ def _place(
 
 
 def render_scene(
-    rng: np.random.Generator, width: int = 1280, height: int = 720, empty_prob: float = 0.03
+    rng: np.random.Generator, width: int = 1280, height: int = 720, empty_prob: float = 0.03,
+    line: LineSpec = LINES["default"],
 ) -> SceneResult:
-    """Render one random scene. Deterministic given the generator state."""
+    """Render one random scene of ``line``. Deterministic given the generator state; object
+    classes are the line's dataset class ids."""
     s = width / 1280.0
     style = sample_belt_style(rng)
     frame = belt_strip(
@@ -70,7 +73,7 @@ def render_scene(
     result = SceneResult(image=frame, jpeg_quality=90)
     taken: list[tuple[float, float, float, float]] = []
     for _ in range(n_parts):
-        spec = sample_part_spec(rng)
+        spec = sample_part_spec(rng, line.defect_rate, line.products, line.defects)
         sprite = render_part(spec, s, light)
         pos = _place(rng, sprite, taken, band, width, 10 * s)
         if pos is None:
@@ -87,7 +90,7 @@ def render_scene(
         pbox, visible = part_box(sprite, x, y, width, height)
         if pbox is None:
             continue
-        objs = [(m.cls, box) for m, box, _ in marks if box is not None]
+        objs = [(line.class_id(m.cls), box) for m, box, _ in marks if box is not None]
         result.objects.extend(objs)
         result.parts.append({
             "box": [round(v, 2) for v in pbox],

@@ -39,7 +39,7 @@ class PartSpec:
     seed: int
     size: float  # longest side, px at 1280 scale
     angle: float  # degrees, counter-clockwise
-    defects: tuple[int, ...]  # class ids to draw (some may fail to fit and be skipped)
+    defects: tuple[int, ...]  # DEFECT_CATALOGUE ids to draw (some may fail to fit and be skipped)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class DefectMark:
     """A drawn defect in sprite coordinates: ``mask`` covers ``[y0:y0+h, x0:x0+w]``."""
 
     index: int  # position in ``PartSpec.defects``
-    cls: int
+    cls: int  # DEFECT_CATALOGUE id
     x0: int
     y0: int
     mask: np.ndarray  # bool
@@ -66,15 +66,23 @@ class PartSprite:
     area: float  # number of part pixels (alpha > 0.5)
 
 
-def sample_part_spec(rng: np.random.Generator, defect_rate: float = 0.3) -> PartSpec:
-    """A random part: product, size 180-360 px, small rotation, and usually no defect."""
-    product = PRODUCT_TYPES[int(rng.integers(len(PRODUCT_TYPES)))]
+def sample_part_spec(
+    rng: np.random.Generator,
+    defect_rate: float = 0.3,
+    products: Sequence[str] = PRODUCT_TYPES,
+    defect_ids: Sequence[int] = tuple(range(len(DEFAULT_CLASSES))),
+) -> PartSpec:
+    """A random part: product, size 180-360 px, small rotation, and usually no defect.
+
+    ``products`` and ``defect_ids`` (ids into ``DEFECT_CATALOGUE``) are a line's; the defaults
+    draw exactly what they always drew (the default dataset stays byte-identical)."""
+    product = products[int(rng.integers(len(products)))]
     size = float(rng.uniform(180, 360) if product != "flange" else rng.uniform(180, 320))
     angle = float(rng.normal(0, 7)) if product != "flange" else float(rng.uniform(0, 360))
     defects: tuple[int, ...] = ()
     if rng.random() < defect_rate:
         n = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
-        defects = tuple(int(c) for c in rng.integers(0, len(DEFAULT_CLASSES), n))
+        defects = tuple(int(defect_ids[int(c)]) for c in rng.integers(0, len(defect_ids), n))
     return PartSpec(product, int(rng.integers(0, 2**62)), size, angle, defects)
 
 

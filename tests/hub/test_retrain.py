@@ -118,6 +118,7 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert trained.is_file() and trained.parent.parent.parent == job.work / "runs"  # trained here, from 1.0.0
     data = json.loads((job.work / "dataset.json").read_text())
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
+    assert (job.work / "start.pt").is_file()  # the class head was widened before training
     assert data["counts"]["replay"]["train"] == 8 and sum(data["counts"]["reviewed"].values()) == 13
     m = load_bundle(rejected, roles=("onnx_int8",)).manifest
     assert list(m.classes) == [*DEFAULT_CLASSES, "burr"] and list(m.input_size) == [160, 160]

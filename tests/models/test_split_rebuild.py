@@ -1,0 +1,90 @@
+"""Split parts for a retrained model: production's bottleneck with the candidate's hub layers,
+only when the candidate's layers up to the cut are production's (else a clear refusal)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("ultralytics")
+
+from models.bundle import load_bundle, write_bundle  # noqa: E402
+from models.onnx_meta import read_metadata  # noqa: E402
+from models.split_rebuild import SplitRebuildError, rebuild_split_parts  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PRODUCTION = Path(__file__).resolve().parents[2] / "models" / "default"
+
+
+def _candidate(tmp: Path, layer: int) -> Path:
+    """An unsplit candidate 1.3.0 (parent 1.2.0) whose checkpoint differs from production's in
+    ``layer`` (a bias nudged), as the release step leaves it."""
+    from ultralytics import YOLO
+
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp / "yolo_cfg"))
+    prod = load_bundle(PRODUCTION, roles=("onnx_fp32", "onnx_int8", "checkpoint"))
+    yolo = YOLO(str(prod.path("checkpoint")), task="detect")
+    target = yolo.model.model[layer]
+    bn = next(m for m in target.modules() if m.__class__.__name__ == "BatchNorm2d")
+    bn.bias.data += 0.25
+    ckpt = tmp / "ckpt.pt"
+    yolo.save(str(ckpt))
+    m = prod.manifest
+    write_bundle(tmp / "1.3.0", name=m.name, version="1.3.0", parent_version="1.2.0", classes=m.classes,
+                 input_size=m.input_size, files={"onnx_fp32": prod.path("onnx_fp32"),
+                                                 "onnx_int8": prod.path("onnx_int8"), "checkpoint": ckpt},
+                 preprocessing=m.preprocessing, postprocessing=m.postprocessing, quantization=m.quantization)
+    return tmp / "1.3.0"
+
+
+def _calib(tmp: Path) -> Path:
+    import cv2
+
+    root = tmp / "calib"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        for i in range(3):
+            img = np.random.default_rng(i).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), img)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: {0: scratch}\n")
+    return root
+
+
+def test_device_layers_changed_refused(tmp_path: Path) -> None:
+    cand = _candidate(tmp_path, layer=2)
+    before = (cand / "manifest.json").read_bytes()
+    with pytest.raises(SplitRebuildError, match=r"layers 0\.\.4 changed.*model\.2\."):
+        rebuild_split_parts(PRODUCTION, cand, calib_data=_calib(tmp_path), work=tmp_path / "w")
+    assert (cand / "manifest.json").read_bytes() == before  # untouched
+
+
+def test_rebuilt_parts_carry_the_retrained_head(tmp_path: Path) -> None:
+    cand = _candidate(tmp_path, layer=15)
+    m = rebuild_split_parts(PRODUCTION, cand, calib_data=_calib(tmp_path), work=tmp_path / "w")
+    assert m.version == "1.3.0" and m.parent_version == "1.2.0"
+    assert m.split and m.split["cut"] == 4 and m.split["metrics"] == {"bottleneck_from": "1.2.0",
+                                                                      "hub_tuning": "not redone"}
+    b = load_bundle(cand, roles=("split_edge_fp32", "split_edge_int8", "split_hub", "split_bottleneck"))
+    for role in ("split_edge_int8", "split_hub"):
+        meta = json.loads(read_metadata(b.path(role))["split"])  # type: ignore[index]
+        assert meta["role"] == role
+        assert read_metadata(b.path(role))["bundle_version"] == "1.3.0"
+    import torch
+
+    raw = torch.load(b.path("split_bottleneck"), map_location="cpu", weights_only=True)
+    assert raw["hub_layers"] is None  # production's tuned hub layers did not overwrite the retrained ones
+    # the hub part runs the candidate's layer 15: its output differs from production's hub part
+    import onnxruntime as ort
+
+    codes = np.random.default_rng(0).integers(0, 16, (1, 4, 68, 120)).astype(np.uint8)
+    outs = []
+    for path in (b.path("split_hub"), load_bundle(PRODUCTION, roles=("split_hub",)).path("split_hub")):
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs.append(s.run(None, {s.get_inputs()[0].name: codes})[0])
+    assert outs[0].shape == outs[1].shape and not np.allclose(outs[0], outs[1])
