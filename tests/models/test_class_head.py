@@ -43,7 +43,9 @@ def test_old_classes_unchanged_new_class_at_prior(dev_ckpt: Path, tmp_path: Path
     with torch.no_grad():
         ya, yb = old(x)[0], new(x)[0]
     assert yb.shape[1] == ya.shape[1] + 1  # 4 box + nc scores per anchor
-    assert torch.equal(ya, yb[:, : ya.shape[1]])  # boxes and the four old scores: bit for bit
+    # boxes and the four old scores: the same (to float rounding: a 5-row conv may be computed in
+    # another order than a 4-row one)
+    assert torch.allclose(ya, yb[:, : ya.shape[1]], rtol=1e-5, atol=1e-4)
     assert float(yb[:, -1].max()) < 0.05  # the new class starts near the prior (~0.004 at 640 px)
     assert layers_changed(old.state_dict(), new.state_dict(), last=21) == []
     assert layers_changed(old.state_dict(), new.state_dict(), last=22) != []  # the head did change

@@ -10,6 +10,7 @@ import yaml
 
 import models.synth.dataset as ds
 from models.synth import PRESETS, DatasetPreset, generate_dataset
+from models.synth.lines import LineSpec
 from models.taxonomy import DEFAULT_CLASSES, PRODUCT_TYPES
 
 W, H = 1280, 720
@@ -125,10 +126,10 @@ def test_failure_leaves_no_partial_dataset(tmp_path: Path, monkeypatch: pytest.M
         (out / "marker").write_text("old")
     real = ds.render_item
 
-    def flaky(seed: int, split: str, index: int, preset: DatasetPreset):  # type: ignore[no-untyped-def]
+    def flaky(seed: int, split: str, index: int, preset: DatasetPreset, line: LineSpec):  # type: ignore[no-untyped-def]
         if split == "val" and index == 2:
             raise RuntimeError("boom")
-        return real(seed, split, index, preset)
+        return real(seed, split, index, preset, line)
 
     monkeypatch.setattr(ds, "render_item", flaky)
     with pytest.raises(RuntimeError, match="boom"):
