@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replay_data=Path(args.replay or args.golden).resolve(), replay_images=args.replay_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
         val_share=args.val_share, rule=GateRule(max_recall_drop=args.max_recall_drop / 100))
-    settings = _unsigned(settings, work)
+    settings = _with_signing_key(settings, work)
     t0 = time.perf_counter()
     state = RetrainJob.create(work / "jobs", settings, sessions, blobs).run()
     retrain_s = time.perf_counter() - t0
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _summary(args, line.name, review, t_ingest, state, retrain_s, gate, before, after, job)
 
 
-def _unsigned(settings: RetrainSettings, work: Path) -> RetrainSettings:
+def _with_signing_key(settings: RetrainSettings, work: Path) -> RetrainSettings:
     """A throwaway signing key for this run (the bench measures the job, signing included)."""
     from dataclasses import replace
 
