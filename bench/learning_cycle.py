@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import emit_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from hub.gate import GateRule, score  # noqa: E402
-from hub.retrain import RetrainJob, RetrainSettings, mapped_predictor  # noqa: E402
+from hub.gate import GateRule, mapped_predictor, score  # noqa: E402
+from hub.retrain import RetrainJob, RetrainSettings  # noqa: E402
 from models.bundle import Bundle, load_bundle  # noqa: E402
 from models.dataset_io import YoloDataset, load_dataset  # noqa: E402
 from models.onnx_predict import OnnxPredictor  # noqa: E402

@@ -32,7 +32,8 @@ from models.evaluate import EvalReport, evaluate_predictions, predict_split
 from models.fsutil import atomic_write_bytes
 from models.metrics import ApResult, DetectionMetrics, box_iou, match_predictions
 
-__all__ = ["GateResult", "GateRule", "Scored", "decide", "fingerprint", "score", "write_report"]
+__all__ = ["GateResult", "GateRule", "Scored", "decide", "fingerprint", "map_classes", "mapped_predictor", "score",
+           "score_detections", "write_report"]
 
 Predict = Callable[..., list[Detections]]
 
@@ -115,11 +116,44 @@ def _recall_and_confusion(dataset: YoloDataset, split: str, dets: Sequence[Detec
     return recall, cm
 
 
+def map_classes(dets: list[Any], model_names: list[str], dataset_names: list[str]) -> list[Any]:
+    """Detections in a model's class ids re-indexed to a dataset's (by name); classes it lacks dropped."""
+    to = {i: dataset_names.index(n) for i, n in enumerate(model_names) if n in dataset_names}
+    if all(to.get(i) == i for i in range(len(model_names))):
+        return dets
+    out = []
+    for d in dets:
+        d = d[np.array([int(c) in to for c in d.class_ids], bool)]
+        d.class_ids[:] = [to[int(c)] for c in d.class_ids]
+        out.append(d)
+    return out
+
+
+def mapped_predictor(predict: Callable[..., Any], model_names: list[str],
+                     dataset_names: list[str]) -> Callable[..., Any]:
+    """A predictor whose detections are in a dataset's class ids (:func:`map_classes`)."""
+    if all(n in dataset_names and dataset_names.index(n) == i for i, n in enumerate(model_names)):
+        return predict
+
+    def run(frames: list[Any], **kw: Any) -> list[Any]:
+        return map_classes(predict(frames, **kw), model_names, dataset_names)
+
+    return run
+
+
 def score(predict: Predict, dataset: YoloDataset, split: str, operating_conf: float, *, iou: float = 0.5,
           progress: bool = False) -> Scored:
     """Predict ``split`` once (conf 0.001, as ``yolo val``) and derive everything the gate reads."""
+    dets = predict_split(predict, dataset.split(split), conf=0.001, progress=progress)
+    return score_detections(dataset, split, dets, operating_conf, iou=iou)
+
+
+def score_detections(dataset: YoloDataset, split: str, dets: Sequence[Detections], operating_conf: float, *,
+                     iou: float = 0.5) -> Scored:
+    """:func:`score` from detections already predicted (conf 0.001), one per image of ``split``."""
     samples = dataset.split(split)
-    dets = predict_split(predict, samples, conf=0.001, progress=progress)
+    if len(dets) != len(samples):
+        raise ValueError(f"{len(dets)} detections for {len(samples)} images of {split!r}")
     report = evaluate_predictions(dataset, split, dets, operating_conf=operating_conf)
     recall, cm = _recall_and_confusion(dataset, split, dets, operating_conf, iou)
     dm = DetectionMetrics(dataset.nc)

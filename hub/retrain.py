@@ -12,13 +12,14 @@ gets :class:`RetrainBusy`). Steps:
    of ``replay_images`` earlier images (the dataset the production model was trained on), so that
    old classes are not forgotten.
 3. ``train``: Ultralytics, starting from the production checkpoint; a new class widens the class
-   head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept). The
-   ``retrain`` presets freeze the backbone (layers 0-9), so a split model's device part is unchanged.
+   head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept).
+   ``retrain`` trains every layer; ``retrain-cpu`` freezes the backbone (layers 0-9).
 4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
    (:func:`models.release.release_bundle`), version = production's minor + 1.
-5. ``split``: when production has split parts, the candidate gets its own: the same device part
-   and bottleneck (checked: layers 0..cut are production's, tensor for tensor), the hub part rebuilt
-   from the new layers (INT8, calibrated on the training data). Skipped for an unsplit production.
+5. ``split``: when production has split parts, the candidate gets its own: production's bottleneck,
+   as it is when layers 0..cut are production's (tensor for tensor), else fine-tuned to the new
+   layers (``split_retune_steps``); the hub part rebuilt from the new layers (INT8, calibrated on
+   the training data). Skipped for an unsplit production.
 6. ``gate``: candidate and production scored on the golden set and on the new reviewed data
    (:mod:`hub.gate`); the report lands in the job directory and in the bundle directory.
 7. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
@@ -47,13 +48,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.gate import GateRule, Scored, decide, fingerprint, score, write_report
+from hub.gate import GateRule, Scored, decide, fingerprint, map_classes, score_detections, write_report
 from hub.retrain_data import copy_split, dataset_names
 from hub.tables import Sample
 from models.fsutil import atomic_write_json
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "job_lock",
-           "mapped_predictor",
            "next_version"]
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class RetrainSettings:
     workers: int = 2
     val_share: float = 0.2
     min_reviewed: int = 1
+    score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
+    calib_images: int = 100  # INT8 calibration frames (the gate scores the INT8 model that results)
+    split_retune_steps: int = 400  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
     rule: GateRule = field(default_factory=GateRule)
 
 
@@ -133,26 +136,6 @@ def job_lock(lock: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def mapped_predictor(predict: Callable[..., Any], model_names: list[str],
-                     dataset_names: list[str]) -> Callable[..., Any]:
-    """Detections of a model in a dataset's class ids (by name); classes the dataset lacks dropped."""
-    to = {i: dataset_names.index(n) for i, n in enumerate(model_names) if n in dataset_names}
-    if all(to.get(i) == i for i in range(len(model_names))):
-        return predict
-    import numpy as np
-
-    def run(frames: list[Any], **kw: Any) -> list[Any]:
-        out = []
-        for d in predict(frames, **kw):
-            keep = np.array([int(c) in to for c in d.class_ids], bool)
-            d = d[keep]
-            d.class_ids[:] = [to[int(c)] for c in d.class_ids]
-            out.append(d)
-        return out
-
-    return run
 
 
 class RetrainJob:
@@ -307,7 +290,8 @@ class RetrainJob:
         out = Path(self.settings.bundles_dir) / version
         release_bundle(ckpt, self.work / "train_data", out, version=version,
                        parent_version=snap["production_version"],
-                       imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True, progress=False)
+                       imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True, progress=False,
+                       workers=self.settings.score_workers, calib_images=self.settings.calib_images)
         self.state.candidate_version = version
 
     def _step_split(self) -> None:
@@ -330,18 +314,32 @@ class RetrainJob:
         assert self.state.candidate_version
         cand = Path(self.settings.bundles_dir) / self.state.candidate_version
         rebuild_split_parts(Path(snap["production_bundle"]), cand, calib_data=self.work / "train_data",
-                            work=self.work / "split")
+                            work=self.work / "split", retune_steps=self.settings.split_retune_steps,
+                            device=self.settings.device)
 
-    def _score_pair(self, dataset: Any, cand: Any, prod: Any) -> tuple[Scored, Scored]:
-        from models.onnx_predict import OnnxPredictor
+    def _score_pair(self, dataset: Any, dataset_key: str | None, cand: Any, prod: Any) -> tuple[Scored, Scored]:
+        """Candidate and production on ``dataset``'s val split. With a ``dataset_key`` (the golden set's
+        fingerprint) production's detections come from the cache: they are the same every week."""
+        from models.parallel_predict import DetectionCache, predict_onnx_split
 
+        cache = DetectionCache(Path(self.settings.bundles_dir) / ".detections")
+        samples = dataset.split("val")
         out = []
         for b in (cand, prod):
-            m = b.manifest
-            predict = mapped_predictor(OnnxPredictor(b.path("onnx_int8"), multi_label=True), list(m.classes),
-                                       list(dataset.names))
+            m, model = b.manifest, b.path("onnx_int8")
+
+            def predict(model: Path = model) -> list[Any]:
+                return predict_onnx_split(model, samples, conf=0.001, iou=0.7, workers=self.settings.score_workers)
+
+            if b is prod and dataset_key is not None:
+                dets, hit = cache.get(model, dataset_key, "val", 0.001, 0.7, predict)
+                log.info("retrain %s: production %s on the golden set %s", self.state.job_id, m.version,
+                         "from the detection cache" if hit else "predicted (now cached)")
+            else:
+                dets = predict()
+            dets = map_classes(dets, list(m.classes), list(dataset.names))
             conf = float(m.postprocessing.get("operating_conf") or m.postprocessing.conf)
-            out.append(score(predict, dataset, "val", conf, iou=self.settings.rule.iou))
+            out.append(score_detections(dataset, "val", dets, conf, iou=self.settings.rule.iou))
         return out[0], out[1]
 
     def _step_gate(self) -> None:
@@ -354,18 +352,19 @@ class RetrainJob:
         cand = load_bundle(cand_dir, roles=("onnx_int8",))
         prod = load_bundle(Path(snap["production_bundle"]), roles=("onnx_int8",))
         golden = load_dataset(Path(self.settings.golden), splits=["val"])
-        g = self._score_pair(golden, cand, prod)
+        golden_fp = fingerprint(self.settings.golden)
+        g = self._score_pair(golden, golden_fp, cand, prod)
         new = None
         val_dir = self.work / "reviewed" / "images" / "val"
         if val_dir.is_dir() and any(val_dir.iterdir()):
-            new = self._score_pair(load_dataset(self.work / "reviewed", splits=["val"]), cand, prod)
+            new = self._score_pair(load_dataset(self.work / "reviewed", splits=["val"]), None, cand, prod)
         result = decide(self.settings.rule, g[0], g[1], *(new or (None, None)))
         if new is None:  # nothing shows that the candidate learned what was reviewed: it does not ship
             result.passed = False
             result.reasons.append(f"new data: no reviewed sample fell on the validation side "
                                   f"(val_share {self.settings.val_share}); review more samples")
         report = write_report(self.work / "gate", result, candidate=cand.manifest.version,
-                              production=prod.manifest.version, golden_fingerprint=fingerprint(self.settings.golden),
+                              production=prod.manifest.version, golden_fingerprint=golden_fp,
                               golden=g, new=new, rule=self.settings.rule)
         shutil.copytree(self.work / "gate", cand_dir.parent / f"{cand_dir.name}.gate", dirs_exist_ok=True)
         self.state.gate_passed, self.state.gate_reasons = result.passed, result.reasons

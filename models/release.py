@@ -19,8 +19,10 @@ from typing import Any
 
 from models.bundle import Manifest, load_bundle, write_bundle
 from models.dataset_io import load_dataset
-from models.evaluate import OnnxPredictor, evaluate_predictions, predict_split
+from models.evaluate import evaluate_predictions
 from models.metrics import choose_operating_threshold
+from models.parallel_predict import predict_onnx_split
+from models.quantize import DEFAULT_CALIBRATION_IMAGES
 
 __all__ = ["release_bundle"]
 
@@ -39,6 +41,8 @@ def release_bundle(
     imgsz: tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
+    calib_images: int | None = None,
 ) -> Manifest:
     from models.export import build_bundle  # torch / ultralytics: the train extra
 
@@ -49,14 +53,13 @@ def release_bundle(
     shutil.rmtree(stage, ignore_errors=True)
     try:
         staged = build_bundle(checkpoint, stage, calib_dir=dataset_dir, version=version,
-                              parent_version=parent_version, imgsz=imgsz)
+                              parent_version=parent_version, imgsz=imgsz,
+                              calib_images=calib_images or DEFAULT_CALIBRATION_IMAGES)
         bundle = load_bundle(stage, roles=(*ROLES, "checkpoint"))
         dataset = load_dataset(Path(dataset_dir))
         val = dataset.split("val")
-        dets = {}
-        for role in ROLES:
-            predictor = OnnxPredictor(bundle.path(role), multi_label=True)  # as mAP is usually computed
-            dets[role] = predict_split(predictor, val, progress=progress)
+        dets = {role: predict_onnx_split(bundle.path(role), val, multi_label=True,  # as mAP is usually computed
+                                         workers=workers, progress=progress) for role in ROLES}
         parts = [s.parts for s in val]
         operating = choose_operating_threshold(parts, dets["onnx_int8"], target_far=target_far)
         metrics: dict[str, Any] = {"split": "val", "n_images": len(val), "target_far": target_far}

@@ -88,7 +88,7 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
                      device: str = "cpu", progress: bool = True,
                      seconds: float | None = None, tune_hub: float = 0.0,
                      crop: int | None = None, hidden: int | None = None,
-                     kd: float = 0.0) -> tuple[Bottleneck, dict[str, Any]]:
+                     kd: float = 0.0, init: Bottleneck | None = None) -> tuple[Bottleneck, dict[str, Any]]:
     """Train a bottleneck at ``cut`` on ``images``/``labels`` (from :func:`load_letterboxed`).
 
     ``tune_hub`` > 0 also trains the hub-side layers in stage 2 at ``lr * tune_hub`` (batch norm
@@ -97,7 +97,8 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     adds output distillation at that weight: binary cross-entropy of the student's class logits
     against the teacher's probabilities plus MSE of the box-distribution logits, per anchor.
     With ``seconds``, the step counts are scaled (keeping their ratio) so that training takes
-    about that long, from the time of steps 5 to 25."""
+    about that long, from the time of steps 5 to 25. ``init`` starts from a trained bottleneck's
+    weights (a retraining changed the layers before the cut: fine-tune, usually with ``steps1=0``)."""
     dev = torch.device(device)
     det = detection_model(model).float().to(dev).eval()
     for p in det.parameters():
@@ -111,7 +112,10 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     edge, hub = EdgePart(layers, cut, [cut]).eval(), HubPart(layers, cut, [cut]).eval()
     # the teacher's hub side stays as it is even when the student's hub layers are tuned
     teacher_hub = HubPart(copy.deepcopy(layers), cut, [cut]).eval() if tune_hub > 0 else hub
-    bn = Bottleneck(c, width, bits, stride, hidden).to(dev).train()
+    bn = Bottleneck(c, width, bits, stride, hidden)
+    if init is not None:
+        bn.load_state_dict(init.state_dict())
+    bn = bn.to(dev).train()
     from ultralytics.utils.loss import v8DetectionLoss
 
     crit = v8DetectionLoss(det)

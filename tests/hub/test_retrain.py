@@ -131,6 +131,10 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     st2 = RetrainJob.create(root, settings(GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0)),
                             hub_store.sessions, hub_store.blobs).run()
     assert st2.status == "succeeded" and st2.candidate_version == "1.2.0", st2
+    # production's golden-set detections were predicted once (job 1) and read back in job 2
+    assert len(list((tmp_path / "bundles" / ".detections").glob("*.npz"))) == 1
+    gate2 = json.loads((tmp_path / "jobs" / st2.job_id / "gate" / "gate.json").read_text())
+    assert gate2["golden"]["production"] == gate["golden"]["production"]
     verify_bundle(tmp_path / "bundles" / "1.2.0", load_public_keys([pub]))
     with hub_store.sessions() as s:
         assert [(v.version, v.status) for v in list_versions(s)] == [

@@ -88,3 +88,23 @@ def test_rebuilt_parts_carry_the_retrained_head(tmp_path: Path) -> None:
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outs.append(s.run(None, {s.get_inputs()[0].name: codes})[0])
     assert outs[0].shape == outs[1].shape and not np.allclose(outs[0], outs[1])
+
+
+def test_device_layers_changed_bottleneck_fine_tuned(tmp_path: Path) -> None:
+    import torch
+
+    cand = _candidate(tmp_path, layer=2)
+    m = rebuild_split_parts(PRODUCTION, cand, calib_data=_calib(tmp_path), work=tmp_path / "w", retune_steps=2,
+                            device="cpu")
+    assert m.split is not None
+    retuned = m.split["metrics"]["bottleneck_retuned"]
+    assert retuned["steps"] == 2 and retuned["images"] == 3 and retuned["device"] == "cpu"
+    assert m.split["metrics"]["bottleneck_from"] == "1.2.0"
+    b = load_bundle(cand, roles=("split_edge_int8", "split_hub", "split_bottleneck"))
+    new = torch.load(b.path("split_bottleneck"), map_location="cpu", weights_only=True)
+    old = torch.load(load_bundle(PRODUCTION, roles=("split_bottleneck",)).path("split_bottleneck"),
+                     map_location="cpu", weights_only=True)
+    assert new["info"]["retuned_from"] == "1.2.0"
+    assert new["state_dict"].keys() == old["state_dict"].keys()
+    assert any(not torch.equal(new["state_dict"][k], old["state_dict"][k]) for k in old["state_dict"]
+               if old["state_dict"][k].is_floating_point())  # trained from production's weights, not kept

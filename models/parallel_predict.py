@@ -1,0 +1,142 @@
+"""Predict a dataset split with an ONNX model over several worker processes, and keep the result.
+
+The retraining job scores whole splits with INT8 models on the hub's CPU (release: the job's
+validation split twice; gate: the golden set and the reviewed data, candidate and production).
+One ONNX Runtime session does not use a many-core host well on a YOLOv8n-sized graph (the gate
+took 63 s on a 16-core host and 58 s on 2 cores), so the split is cut into chunks that worker
+processes predict, each with its own session and a share of the cores. Workers are spawned, not
+forked: the job's process has torch loaded, and a forked OpenMP runtime can hang.
+
+:class:`DetectionCache` keeps a model's detections on a dataset (keyed by the model file's
+SHA-256, the dataset's fingerprint and the prediction settings): production's figures on the
+golden set do not change between weekly jobs, so the gate predicts them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.dataset_io import Sample
+from models.detections import Detections
+from models.fsutil import atomic_write_bytes
+
+__all__ = ["DetectionCache", "default_workers", "predict_onnx_split"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 16
+_worker_predict: Any = None
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """Processes for a scoring pass: 1 below 4 cores (one session uses them), else half the cores, at most 8."""
+    n = os.cpu_count() or 1 if cpus is None else cpus
+    return 1 if n < 4 else min(8, n // 2)
+
+
+def _init(model_path: str, multi_label: bool, threads: int) -> None:
+    global _worker_predict
+    from models.onnx_predict import OnnxPredictor
+
+    _worker_predict = OnnxPredictor(model_path, multi_label=multi_label, intra_op_threads=threads)
+
+
+def _run(samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]:
+    frames = [s.read() for s in samples]
+    return [d.filter(conf) for d in _worker_predict(frames, conf=conf, iou=iou)]
+
+
+def predict_onnx_split(model_path: Path, samples: Sequence[Sample], *, conf: float = 0.001, iou: float = 0.7,
+                       multi_label: bool = True, workers: int | None = None,
+                       progress: bool = False) -> list[Detections]:
+    """One :class:`Detections` per sample, in order (as :func:`models.evaluate.predict_split` with an
+    ``OnnxPredictor``); ``workers`` processes (default :func:`default_workers`), 1 = in this process."""
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, max(1, -(-len(samples) // _CHUNK)))
+    if workers == 1:
+        from models.evaluate import predict_split
+        from models.onnx_predict import OnnxPredictor
+
+        return predict_split(OnnxPredictor(model_path, multi_label=multi_label), samples, conf=conf, iou=iou,
+                             progress=progress)
+    threads = max(1, (os.cpu_count() or workers) // workers)
+    chunks = [list(samples[i : i + _CHUNK]) for i in range(0, len(samples), _CHUNK)]
+    out: list[Detections] = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
+                             initargs=(str(model_path), multi_label, threads)) as pool:
+        results = pool.map(_run, chunks, [conf] * len(chunks), [iou] * len(chunks))
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(chunks), desc="evaluate", unit="chunk", file=sys.stderr)
+        for part in results:
+            out.extend(part)
+    if len(out) != len(samples):  # pragma: no cover - pool.map keeps every chunk
+        raise RuntimeError(f"{len(out)} results for {len(samples)} frames")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DetectionCache:
+    """``cache.get(model, dataset_key, split, conf, iou, compute)``: detections stored under ``root``
+    as ``.npz``, one file per (model SHA-256, dataset key, split, conf, iou); written atomically. A
+    file that does not read back (truncated, another format) is recomputed and replaced."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, model: Path, dataset_key: str, split: str, conf: float, iou: float) -> Path:
+        key = hashlib.sha256(f"{_sha256(model)}|{dataset_key}|{split}|{conf!r}|{iou!r}".encode()).hexdigest()
+        return self.root / f"{key[:32]}.npz"
+
+    def get(self, model: Path, dataset_key: str, split: str, conf: float, iou: float,
+            compute: Callable[[], list[Detections]]) -> tuple[list[Detections], bool]:
+        """``(detections, hit)``."""
+        p = self.path(model, dataset_key, split, conf, iou)
+        if p.is_file():
+            try:
+                return _load(p), True
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("detection cache %s unreadable (%s): predicting again", p, e)
+        dets = compute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(p, _dump(dets))
+        return dets, False
+
+
+def _dump(dets: Sequence[Detections]) -> bytes:
+    import io
+
+    counts = np.array([len(d) for d in dets], np.int64)
+    cat = Detections.concat(list(dets)) if dets else Detections.empty()
+    buf = io.BytesIO()
+    np.savez(buf, counts=counts, boxes=cat.boxes, scores=cat.scores, class_ids=cat.class_ids,
+             undecided=np.array([d.undecided for d in dets], bool))
+    return buf.getvalue()
+
+
+def _load(p: Path) -> list[Detections]:
+    with np.load(p, allow_pickle=False) as z:
+        counts, boxes, scores, cls, und = z["counts"], z["boxes"], z["scores"], z["class_ids"], z["undecided"]
+    if int(counts.sum()) != len(boxes) or len(counts) != len(und):
+        raise ValueError("counts do not match the stored detections")
+    ends = np.cumsum(counts)
+    return [Detections(boxes[e - n : e], scores[e - n : e], cls[e - n : e], undecided=bool(u))
+            for n, e, u in zip(counts, ends, und, strict=True)]
