@@ -174,7 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=Path(args.replay or args.golden).resolve(), replay_images=args.replay_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
-        val_share=args.val_share, rule=GateRule(max_recall_drop=args.max_recall_drop / 100))
+        val_share=args.val_share, rule=GateRule(
+            max_recall_drop=args.max_recall_drop / 100,
+            max_false_alarm_rise=None if args.max_false_alarm_rise < 0 else args.max_false_alarm_rise / 100))
     settings = _with_signing_key(settings, work)
     t0 = time.perf_counter()
     state = RetrainJob.create(work / "jobs", settings, sessions, blobs).run()
@@ -185,7 +187,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gate = json.loads((job / "gate" / "gate.json").read_text())
     cand = load_bundle(work / "bundles" / str(state.candidate_version), roles=("onnx_int8",))
     before, after = _scores(prod, field), _scores(cand, field)
-    return _summary(args, line.name, review, t_ingest, state, retrain_s, gate, before, after, job)
+    res = _summary(args, line.name, review, t_ingest, state, retrain_s, gate, before, after, job)
+    split = cand.manifest.split or {}
+    res["retrain"]["split"] = {"metrics": split.get("metrics"),
+                               "export_steps_s": (split.get("export") or {}).get("steps")}
+    res["retrain"]["export_s"] = (cand.manifest.training or {}).get("export_seconds")
+    return res
 
 
 def _with_signing_key(settings: RetrainSettings, work: Path) -> RetrainSettings:
@@ -213,7 +220,9 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
         "golden": {"production_map50": g_p["map50"], "candidate_map50": g_c["map50"],
                    "map50_change_points": round(100 * (g_c["map50"] - g_p["map50"]), 2),
-                   "recall_production": g_p["recall_at_operating"], "recall_candidate": g_c["recall_at_operating"]},
+                   "recall_production": g_p["recall_at_operating"], "recall_candidate": g_c["recall_at_operating"],
+                   "part_false_alarms": next((c for c in gate["checks"] if c["check"] == "golden part false alarms"),
+                                             None)},
         "field_test": {"production": before, "candidate": after},
     }
     targets: dict[str, Any] = {"golden_map50_drop_le_1pt": res["golden"]["map50_change_points"] >= -1.0}
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--production", default=str(ROOT / "models" / "default"))
     p.add_argument("--golden", default=str(ROOT / "data" / "synth" / "dataset"), help="golden set (its val split)")
     p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset, train split)")
-    p.add_argument("--replay-images", type=int, default=200)
+    p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
     p.add_argument("--preset", default="retrain")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")
@@ -253,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--val-share", type=float, default=0.2)
     p.add_argument("--max-recall-drop", type=float, default=1.0, help="gate rule, points")
+    p.add_argument("--max-false-alarm-rise", type=float, default=1.0,
+                   help="gate rule, points of good parts on the golden set; negative: not checked")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=str(ROOT / "runs" / "learning_cycle"))
     p.add_argument("--keep", action="store_true", help="keep an earlier run's hub directory")

@@ -43,6 +43,10 @@ class GateRule:
     max_recall_drop: float = 0.01  # per class on the golden set, as a fraction (0.01 = 1 point)
     min_new_data_gain: float = 0.0  # candidate mAP50 - production mAP50 on the new data, must exceed this
     iou: float = 0.5  # a detection counts for recall and the confusion matrix at this IoU
+    #: golden set, at each model's operating threshold: the candidate's part false-alarm rate may
+    #: exceed production's by this much (a fraction of good parts); None: not checked. Needs the
+    #: golden set's parts sidecars (without them there is nothing to count and the check is skipped).
+    max_false_alarm_rise: float | None = 0.01
 
 
 @dataclass
@@ -162,6 +166,18 @@ def score_detections(dataset: YoloDataset, split: str, dets: Sequence[Detections
     return Scored(report, operating_conf, recall, cm, list(dataset.names), dm.compute())
 
 
+def _false_alarm_check(rule: GateRule, cand: Scored, prod: Scored) -> dict[str, Any] | None:
+    if rule.max_false_alarm_rise is None:
+        return None
+    pc, pp = cand.report.part_level or {}, prod.report.part_level or {}
+    if not pp.get("n_good") or not pc.get("n_good"):  # no parts sidecars: no good parts to count
+        return None
+    c, p = float(pc["false_alarm_rate"]), float(pp["false_alarm_rate"])
+    return {"check": "golden part false alarms", "candidate": c, "production": p,
+            "limit": round(p + rule.max_false_alarm_rise, 6), "n_good": int(pc["n_good"]),
+            "ok": c <= p + rule.max_false_alarm_rise + 1e-12}
+
+
 def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
            new_candidate: Scored | None = None, new_production: Scored | None = None) -> GateResult:
     reasons: list[str] = []
@@ -176,6 +192,12 @@ def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
         if not ok:
             reasons.append(f"golden set: recall of {name!r} {0.0 if cand is None else cand:.3f} < "
                            f"production {base:.3f} - {rule.max_recall_drop:.3f}")
+    far = _false_alarm_check(rule, golden_candidate, golden_production)
+    if far is not None:
+        checks.append(far)
+        if not far["ok"]:
+            reasons.append(f"golden set: part false alarms {far['candidate']:.4f} > production "
+                           f"{far['production']:.4f} + {rule.max_false_alarm_rise:.4f}")
     if new_candidate is not None and new_production is not None:
         gain = new_candidate.report.map50 - new_production.report.map50
         ok = gain > rule.min_new_data_gain

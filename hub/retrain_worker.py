@@ -46,7 +46,9 @@ def settings_from_config(config: HubConfig) -> RetrainSettings:
                            val_share=rc.val_share, min_reviewed=rc.min_reviewed, score_workers=rc.score_workers,
                            calib_images=rc.calib_images, split_retune_steps=rc.split_retune_steps,
                            rule=GateRule(max_recall_drop=rc.max_recall_drop_points / 100,
-                                         min_new_data_gain=rc.min_new_data_gain_points / 100))
+                                         min_new_data_gain=rc.min_new_data_gain_points / 100,
+                                         max_false_alarm_rise=None if rc.max_false_alarm_rise_points is None
+                                         else rc.max_false_alarm_rise_points / 100))
 
 
 def spawn_retrain(config: HubConfig, *, trigger: str, requested_by: str) -> subprocess.Popen[bytes]:

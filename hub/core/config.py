@@ -93,6 +93,9 @@ class HubRetrainConfig(BaseModel):
     signing_key_file: Path | None = Field(None, description="Ed25519 private key (PEM); default "
                                                             "$LINEGUARD_SIGNING_KEY_FILE")
     max_recall_drop_points: float = Field(1.0, ge=0, le=100, description="gate: per class on the golden set")
+    max_false_alarm_rise_points: float | None = Field(
+        1.0, ge=0, le=100, description="gate: candidate part false-alarm rate minus production's on the golden set "
+                                       "(needs its parts sidecars); null: not checked")
     min_new_data_gain_points: float = Field(0.0, ge=-100, le=100,
                                             description="gate: candidate mAP50 minus production's on the new data")
 

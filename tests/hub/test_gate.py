@@ -92,6 +92,39 @@ def test_golden_recall_rule(golden: Any, candidate: Any, passed: bool, reason: s
         assert any(reason in r for r in result.reasons), result.reasons
 
 
+def _with_parts(root: Path) -> Path:
+    """Sidecars: per image one defective part under each true box and one good part (top right)
+    where ``oracle(extra=...)`` puts its false box."""
+    (root / "parts/val").mkdir(parents=True)
+    for i in TRUTH:
+        parts = [{"box": [0, 0, 110, 60], "product": "bracket", "defective": True, "visible": 1.0},
+                 {"box": [110, 35, 200, 100], "product": "bracket", "defective": True, "visible": 1.0},
+                 {"box": [140, 0, 200, 30], "product": "bracket", "defective": False, "visible": 1.0}]
+        (root / "parts/val" / f"im{i:02d}.json").write_text(json.dumps({"parts": parts}))
+    return root
+
+
+@pytest.mark.parametrize(("extra", "rise", "passed"), [
+    (set(), 0.01, True),
+    ({1}, 0.01, False),       # 1 of 9 good parts alarmed: +11.1 points
+    ({1}, 0.12, True),
+    ({1, 2, 3}, None, True),  # not checked
+])
+def test_golden_false_alarm_rule(tmp_path: Path, extra: set[int], rise: float | None, passed: bool) -> None:
+    golden = load_dataset(_with_parts(write(tmp_path / "golden")))
+    prod = score(oracle(), golden, "val", 0.25)
+    cand = score(oracle(extra=extra), golden, "val", 0.25)
+    result = decide(GateRule(max_false_alarm_rise=rise), cand, prod)
+    assert result.passed is passed, result.reasons
+    far = [c for c in result.checks if c["check"] == "golden part false alarms"]
+    assert len(far) == (0 if rise is None else 1)
+    if far:
+        assert far[0]["n_good"] == 9 and far[0]["production"] == 0.0
+        assert far[0]["candidate"] == pytest.approx(len(extra) / 9)
+    if not passed:
+        assert any("part false alarms" in r for r in result.reasons)
+
+
 def test_recall_drop_within_the_rule_passes(golden: Any) -> None:
     prod = score(oracle(), golden, "val", 0.25)
     cand = score(oracle(drop={(3, 0)}), golden, "val", 0.25)

@@ -104,7 +104,8 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         # 3. retrain -> gate -> sign -> register
         settings = RetrainSettings(golden=synth, bundles_dir=tmp_path / "bundles", signing_key=priv,
                                    replay_data=synth, replay_images=8, preset="retrain-ci", workers=0, val_share=0.5,
-                                   rule=GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0))
+                                   rule=GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0,
+                                                 max_false_alarm_rise=None))
         # as `lineguard-hub retrain` does: IMMEDIATE transactions on SQLite (the ingest worker writes meanwhile)
         st = RetrainJob.create(tmp_path / "jobs", settings, make_session_factory(engine, immediate=True),
                                hub_store.blobs).run()

@@ -128,7 +128,8 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert (job.work / "gate" / "confusion.png").stat().st_size > 1000
 
     # 2. a permissive rule: signed with the hub's key, registered as a candidate, next version
-    st2 = RetrainJob.create(root, settings(GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0)),
+    st2 = RetrainJob.create(root, settings(GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0,
+                                                  max_false_alarm_rise=None)),
                             hub_store.sessions, hub_store.blobs).run()
     assert st2.status == "succeeded" and st2.candidate_version == "1.2.0", st2
     # production's golden-set detections were predicted once (job 1) and read back in job 2

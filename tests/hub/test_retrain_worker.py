@@ -42,3 +42,14 @@ def test_scheduler_stops_promptly(tmp_path: Path) -> None:
     t0 = datetime.now(UTC)
     sched.stop()
     assert (datetime.now(UTC) - t0).total_seconds() < 5 and sched.runs == []  # nothing was due
+
+
+def test_settings_carry_the_job_tuning_keys(tmp_path: Path) -> None:
+    from hub.core.config import build_config
+    from hub.retrain_worker import settings_from_config
+
+    cfg = build_config({"data_dir": str(tmp_path / "hub"), "retrain": {
+        "golden": str(tmp_path / "golden"), "calib_images": 64, "score_workers": 3, "split_retune_steps": 0}})
+    st = settings_from_config(cfg)
+    assert (st.calib_images, st.score_workers, st.split_retune_steps) == (64, 3, 0)
+    assert st.bundles_dir == tmp_path / "hub" / "bundles"

@@ -54,6 +54,9 @@ def test_bad_expressions_name_the_field(expr: str, error: str) -> None:
     ({"schedule": "0 2 * * mon"}, r"retrain\.golden"),
     ({"golden": "g", "preset": "default"}, r"retrain\.preset"),
     ({"golden": "g", "max_recall_drop_points": -1}, r"retrain\.max_recall_drop_points"),
+    ({"golden": "g", "calib_images": 4}, r"retrain\.calib_images"),
+    ({"golden": "g", "score_workers": 0}, r"retrain\.score_workers"),
+    ({"golden": "g", "split_retune_steps": -1}, r"retrain\.split_retune_steps"),
 ])
 def test_retrain_config_errors_name_the_key(retrain: dict[str, object], error: str) -> None:
     from hub.core.config import ConfigError, build_config
@@ -67,4 +70,5 @@ def test_retrain_config_defaults() -> None:
 
     rc = build_config({"retrain": {"golden": "g"}}).retrain
     assert rc is not None and rc.schedule == "0 2 * * mon" and rc.max_recall_drop_points == 1.0
+    assert (rc.calib_images, rc.score_workers, rc.split_retune_steps) == (100, None, 400)
     assert build_config({"retrain": {"golden": "g", "schedule": None}}).retrain.schedule is None  # type: ignore[union-attr]
