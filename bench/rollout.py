@@ -44,10 +44,9 @@ from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
 from edge_agent.ota import BundleFetcher, ModelUpdater  # noqa: E402
 from edge_agent.swap import SwappableDetector  # noqa: E402
 from lineguard_contract import StationId, Topics  # noqa: E402
-from models.bundle import Bundle, load_bundle, write_bundle  # noqa: E402
+from models.bundle import Bundle  # noqa: E402
 from models.detections import Detections  # noqa: E402
-from models.onnx_meta import write_metadata  # noqa: E402
-from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle  # noqa: E402
+from models.signing import generate_keypair, load_public_keys, rebadge_bundle  # noqa: E402
 
 
 class StubDetector(Detector):
@@ -111,19 +110,6 @@ class SimAgent:
         self.mqtt.stop()
 
 
-def _version(src: Path, out: Path, version: str, key: Path) -> Path:
-    b = load_bundle(src, roles=("onnx_int8",))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx = out.parent / f"{version}.onnx"
-    shutil.copyfile(b.path("onnx_int8"), onnx)
-    write_metadata(onnx, {"bundle_version": version})
-    m = b.manifest
-    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
-                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
-    sign_bundle(out, load_private_key(key))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agents", type=int, default=50)
@@ -148,8 +134,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lg_rollout_"))
     priv, pub = generate_keypair(work / "keys")
-    old = _version(args.bundle, work / "bundles" / "1.0.0", "1.0.0", priv)
-    new = _version(args.bundle, work / "bundles" / "1.1.0", "1.1.0", priv)
+    old = rebadge_bundle(args.bundle, work / "bundles" / "1.0.0", "1.0.0", priv)
+    new = rebadge_bundle(args.bundle, work / "bundles" / "1.1.0", "1.1.0", priv)
     port = free_port()
     broker_name, stop_broker = start_broker(port, work)
     config = build_config({"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"}})

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.bundle import sha256_file
 from models.dataset_io import Sample
 from models.detections import Detections
 from models.fsutil import atomic_write_bytes
@@ -40,7 +41,7 @@ _worker_predict: Any = None
 
 def default_workers(cpus: int | None = None) -> int:
     """Processes for a scoring pass: 1 below 4 cores (one session uses them), else half the cores, at most 8."""
-    n = os.cpu_count() or 1 if cpus is None else cpus
+    n = (os.cpu_count() or 1) if cpus is None else cpus
     return 1 if n < 4 else min(8, n // 2)
 
 
@@ -86,14 +87,6 @@ def predict_onnx_split(model_path: Path, samples: Sequence[Sample], *, conf: flo
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class DetectionCache:
     """``cache.get(model, dataset_key, split, conf, iou, compute)``: detections stored under ``root``
     as ``.npz``, one file per (model SHA-256, dataset key, split, conf, iou); written atomically. A
@@ -103,7 +96,7 @@ class DetectionCache:
         self.root = Path(root)
 
     def path(self, model: Path, dataset_key: str, split: str, conf: float, iou: float) -> Path:
-        key = hashlib.sha256(f"{_sha256(model)}|{dataset_key}|{split}|{conf!r}|{iou!r}".encode()).hexdigest()
+        key = hashlib.sha256(f"{sha256_file(model)}|{dataset_key}|{split}|{conf!r}|{iou!r}".encode()).hexdigest()
         return self.root / f"{key[:32]}.npz"
 
     def get(self, model: Path, dataset_key: str, split: str, conf: float, iou: float,

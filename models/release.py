@@ -42,7 +42,7 @@ def release_bundle(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
-    calib_images: int | None = None,
+    calib_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> Manifest:
     from models.export import build_bundle  # torch / ultralytics: the train extra
 
@@ -54,7 +54,7 @@ def release_bundle(
     try:
         staged = build_bundle(checkpoint, stage, calib_dir=dataset_dir, version=version,
                               parent_version=parent_version, imgsz=imgsz,
-                              calib_images=calib_images or DEFAULT_CALIBRATION_IMAGES)
+                              calib_images=calib_images)
         bundle = load_bundle(stage, roles=(*ROLES, "checkpoint"))
         dataset = load_dataset(Path(dataset_dir))
         val = dataset.split("val")

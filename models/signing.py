@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from models.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle, BundleError, load_bundle
 
 __all__ = ["SignatureError", "check_version_change", "generate_keypair", "load_private_key", "load_public_keys",
-           "sign_bundle", "verify_bundle"]
+           "rebadge_bundle", "sign_bundle", "verify_bundle"]
 
 
 class SignatureError(BundleError):
@@ -94,6 +94,28 @@ def sign_bundle(bundle_dir: Path, key: Ed25519PrivateKey) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return bundle_dir / SIGNATURE_FILE
+
+
+def rebadge_bundle(src: Path, out: Path, version: str, key: Path | None) -> Path:
+    """A bundle ``version`` (parent: ``src``'s version) at ``out`` with ``src``'s INT8 model, its
+    ONNX metadata rewritten to the new version; signed with the private key file ``key`` (None:
+    unsigned). For rollout drills and tests: the weights are ``src``'s."""
+    import shutil
+
+    from models.bundle import write_bundle
+    from models.onnx_meta import write_metadata
+
+    b = load_bundle(src, roles=("onnx_int8",))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx = out.parent / f"{version}-model_int8.onnx"
+    shutil.copyfile(b.path("onnx_int8"), onnx)
+    write_metadata(onnx, {"bundle_version": version})
+    m = b.manifest
+    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
+                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
+    if key is not None:
+        sign_bundle(out, load_private_key(key))
+    return out
 
 
 def verify_bundle(bundle_dir: Path, keys: Sequence[Ed25519PublicKey], roles: Iterable[str] = ("onnx_int8",)) -> Bundle:

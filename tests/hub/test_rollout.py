@@ -5,7 +5,6 @@ downgrade are refused, logged and counted, and the old model keeps running."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ from hub.mqtt import RetainedPublisher
 from hub.registry import register
 from hub.rollout import RolloutError, announce, bundle_base_url
 from lineguard_contract import ModelAnnouncePayload, StationId, Topics, encode
-from models.bundle import load_bundle, read_manifest, write_bundle
-from models.onnx_meta import write_metadata
-from models.signing import generate_keypair, load_private_key, load_public_keys, sign_bundle
+from models.bundle import read_manifest
+from models.signing import generate_keypair, load_public_keys, rebadge_bundle
 from tests.hub.conftest import hub_app, live_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,17 +36,7 @@ PASSWORD = "correct horse battery"
 
 def make_version(src: Path, out: Path, version: str, key: Path | None) -> Path:
     """A bundle ``version`` with the INT8 model of ``src`` (its metadata rewritten), signed with ``key``."""
-    b = load_bundle(src, roles=("onnx_int8",))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx = out.parent / f"{version}-model_int8.onnx"
-    shutil.copyfile(b.path("onnx_int8"), onnx)
-    write_metadata(onnx, {"bundle_version": version})
-    m = b.manifest
-    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
-                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
-    if key is not None:
-        sign_bundle(out, load_private_key(key))
-    return out
+    return rebadge_bundle(src, out, version, key)
 
 
 @dataclass
