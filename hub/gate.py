@@ -10,8 +10,10 @@ Both the candidate and the current production model are scored on the same two s
 Per class, recall is taken at each model's own operating threshold (``operating_conf`` of its
 manifest: what the line experiences), plus AP50 and the confusion matrix there. The rule
 (:class:`GateRule`): on the golden set no class that production knows loses more than
-``max_recall_drop`` (1 point by default) of recall, and on the new data the candidate's mAP50
-beats production's by at least ``min_new_data_gain``. A report (``gate.json``, ``confusion.png``,
+``max_recall_drop`` (1 point by default) of recall, its part false-alarm rate rises by at most
+``max_false_alarm_rise``, a split candidate's two parts lose at most ``max_split_map50_drop`` of
+golden mAP50 against its whole model, and on the new data the candidate's mAP50 beats
+production's by at least ``min_new_data_gain``. A report (``gate.json``, ``confusion.png``,
 ``pr_curves.png``) is written for every candidate, passed or not.
 """
 
@@ -47,6 +49,9 @@ class GateRule:
     #: exceed production's by this much (a fraction of good parts); None: not checked. Needs the
     #: golden set's parts sidecars (without them there is nothing to count and the check is skipped).
     max_false_alarm_rise: float | None = 0.01
+    #: golden set: a split candidate's two INT8 parts (edge -> codes -> hub) may lose this much mAP50
+    #: against its own whole INT8 model (a fraction); None: not checked. Unsplit candidates: no check.
+    max_split_map50_drop: float | None = 0.01
 
 
 @dataclass
@@ -178,8 +183,19 @@ def _false_alarm_check(rule: GateRule, cand: Scored, prod: Scored) -> dict[str, 
             "ok": c <= p + rule.max_false_alarm_rise + 1e-12}
 
 
+def _split_check(rule: GateRule, whole: Scored, split: Scored | None) -> dict[str, Any] | None:
+    if split is None or rule.max_split_map50_drop is None:
+        return None
+    limit = whole.report.map50 - rule.max_split_map50_drop
+    return {"check": "golden split mAP50", "candidate": split.report.map50, "whole_model": whole.report.map50,
+            "limit": round(limit, 6), "ok": split.report.map50 >= limit - 1e-12}
+
+
 def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
-           new_candidate: Scored | None = None, new_production: Scored | None = None) -> GateResult:
+           new_candidate: Scored | None = None, new_production: Scored | None = None,
+           golden_split: Scored | None = None) -> GateResult:
+    """``golden_split``: the candidate's split parts on the golden set (a split candidate), checked
+    against the candidate's whole model (``max_split_map50_drop``)."""
     reasons: list[str] = []
     checks: list[dict[str, Any]] = []
     for name, base in golden_production.recall_at_operating.items():
@@ -198,6 +214,12 @@ def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
         if not far["ok"]:
             reasons.append(f"golden set: part false alarms {far['candidate']:.4f} > production "
                            f"{far['production']:.4f} + {rule.max_false_alarm_rise:.4f}")
+    split = _split_check(rule, golden_candidate, golden_split)
+    if split is not None:
+        checks.append(split)
+        if not split["ok"]:
+            reasons.append(f"golden set: split parts' mAP50 {split['candidate']:.3f} < the whole model's "
+                           f"{split['whole_model']:.3f} - {rule.max_split_map50_drop:.3f}")
     if new_candidate is not None and new_production is not None:
         gain = new_candidate.report.map50 - new_production.report.map50
         ok = gain > rule.min_new_data_gain
@@ -258,13 +280,14 @@ def _plots(out: Path, golden_candidate: Scored, golden_production: Scored) -> li
 
 def write_report(out: Path, result: GateResult, *, candidate: str, production: str, golden_fingerprint: str,
                  golden: tuple[Scored, Scored], new: tuple[Scored, Scored] | None = None,
-                 rule: GateRule | None = None, plots: bool = True) -> Path:
+                 rule: GateRule | None = None, plots: bool = True, golden_split: Scored | None = None) -> Path:
     """``out/gate.json`` (and the PNGs); returns the JSON's path."""
     out.mkdir(parents=True, exist_ok=True)
     files = _plots(out, *golden) if plots else []
     doc = {"candidate": candidate, "production": production, "passed": result.passed, "reasons": result.reasons,
            "checks": result.checks, "rule": asdict(rule or GateRule()), "golden_fingerprint": golden_fingerprint,
-           "golden": {"candidate": golden[0].to_dict(), "production": golden[1].to_dict()},
+           "golden": {"candidate": golden[0].to_dict(), "production": golden[1].to_dict(),
+                      "candidate_split": None if golden_split is None else golden_split.to_dict()},
            "new_data": None if new is None else {"candidate": new[0].to_dict(), "production": new[1].to_dict()},
            "files": files}
     path = out / "gate.json"

@@ -48,7 +48,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.gate import GateRule, Scored, decide, fingerprint, map_classes, score_detections, write_report
+from hub.gate import GateRule, decide, fingerprint, write_report
 from hub.retrain_data import copy_split, dataset_names
 from hub.tables import Sample
 from models.fsutil import atomic_write_json
@@ -76,11 +76,12 @@ class RetrainSettings:
     signing_key: Path | None  # Ed25519 private key (PEM)
     replay_data: Path | None = None
     replay_images: int = 600
-    preset: str = "retrain"
+    preset: str = "auto"  # auto: "retrain" with a GPU, "retrain-cpu" without (see resolve_preset)
     epochs: int | None = None
     hours: float | None = None
     device: str | None = None
     workers: int = 2
+    cache: str | None = None  # Ultralytics' image cache while training: "ram" (a GPU hub with memory to spare)
     val_share: float = 0.2
     min_reviewed: int = 1
     score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
@@ -261,7 +262,7 @@ class RetrainJob:
 
         snap = self._snapshot()
         runs = self.work / "runs"
-        preset = PRESETS[self.settings.preset]
+        preset = PRESETS[self._preset_name()]
         last = runs / preset.name / "weights" / "last.pt"
         if last.exists():
             log.info("retrain %s: resuming training from %s", self.state.job_id, last)
@@ -274,9 +275,10 @@ class RetrainJob:
 
                 ckpt = widen_class_head(ckpt, names, self.work / "start.pt")
                 log.info("retrain %s: class head widened %s -> %s", self.state.job_id, snap["classes"], names)
+            extra: dict[str, Any] = {"cache": self.settings.cache} if self.settings.cache else {}
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
                            weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
-                           device=self.settings.device, workers=self.settings.workers)
+                           device=self.settings.device, workers=self.settings.workers, **extra)
         atomic_write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
 
     def _step_release(self) -> None:
@@ -288,11 +290,49 @@ class RetrainJob:
             version = next_version([m.version for m in list_versions(s)])
         ckpt = Path(json.loads((self.work / "train.json").read_text())["checkpoint"])
         out = Path(self.settings.bundles_dir) / version
-        release_bundle(ckpt, self.work / "train_data", out, version=version,
-                       parent_version=snap["production_version"],
-                       imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True, progress=False,
-                       workers=self.settings.score_workers, calib_images=self.settings.calib_images)
+        prep = self._start_bottleneck_prep(snap, ckpt)
+        try:
+            release_bundle(ckpt, self.work / "train_data", out, version=version,
+                           parent_version=snap["production_version"],
+                           imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True,
+                           progress=False, workers=self.settings.score_workers,
+                           calib_images=self.settings.calib_images)
+        finally:
+            if prep is not None:
+                prep.join()
+                if prep.exitcode:
+                    log.warning("retrain %s: the split bottleneck's preparation exited %s: the split step will "
+                                "redo it", self.state.job_id, prep.exitcode)
         self.state.candidate_version = version
+
+    def _start_bottleneck_prep(self, snap: dict[str, Any], ckpt: Path) -> Any:
+        """On a GPU hub, the split step's bottleneck work (a GPU fine-tuning when training changed the
+        device part's layers) runs beside the release's CPU work; None on a CPU hub or when
+        production has no split parts."""
+        if not self._on_gpu():
+            return None
+        from models.split_rebuild import start_prepare_bottleneck
+
+        return start_prepare_bottleneck(Path(snap["production_bundle"]), ckpt, calib_data=self.work / "train_data",
+                                        work=self.work / "split", retune_steps=self.settings.split_retune_steps,
+                                        device=self.settings.device)
+
+    def _preset_name(self) -> str:
+        """The configured preset; ``auto``: ``retrain`` (every layer) on a GPU hub, else ``retrain-cpu``
+        (backbone frozen: every layer plus the bottleneck fine-tuning would take hours on a CPU)."""
+        name = self.settings.preset
+        if name == "auto":
+            name = "retrain" if self._on_gpu() else "retrain-cpu"
+            log.info("retrain %s: preset auto -> %s", self.state.job_id, name)
+        return name
+
+    def _on_gpu(self) -> bool:
+        dev = (self.settings.device or "").strip()
+        if dev == "cpu":
+            return False
+        import torch
+
+        return bool(torch.cuda.is_available())
 
     def _step_split(self) -> None:
         from models.bundle import load_bundle
@@ -313,36 +353,13 @@ class RetrainJob:
 
         assert self.state.candidate_version
         cand = Path(self.settings.bundles_dir) / self.state.candidate_version
+        ckpt = Path(json.loads((self.work / "train.json").read_text())["checkpoint"])
         rebuild_split_parts(Path(snap["production_bundle"]), cand, calib_data=self.work / "train_data",
                             work=self.work / "split", retune_steps=self.settings.split_retune_steps,
-                            device=self.settings.device)
-
-    def _score_pair(self, dataset: Any, dataset_key: str | None, cand: Any, prod: Any) -> tuple[Scored, Scored]:
-        """Candidate and production on ``dataset``'s val split. With a ``dataset_key`` (the golden set's
-        fingerprint) production's detections come from the cache: they are the same every week."""
-        from models.parallel_predict import DetectionCache, predict_onnx_split
-
-        cache = DetectionCache(Path(self.settings.bundles_dir) / ".detections")
-        samples = dataset.split("val")
-        out = []
-        for b in (cand, prod):
-            m, model = b.manifest, b.path("onnx_int8")
-
-            def predict(model: Path = model) -> list[Any]:
-                return predict_onnx_split(model, samples, conf=0.001, iou=0.7, workers=self.settings.score_workers)
-
-            if b is prod and dataset_key is not None:
-                dets, hit = cache.get(model, dataset_key, "val", 0.001, 0.7, predict)
-                log.info("retrain %s: production %s on the golden set %s", self.state.job_id, m.version,
-                         "from the detection cache" if hit else "predicted (now cached)")
-            else:
-                dets = predict()
-            dets = map_classes(dets, list(m.classes), list(dataset.names))
-            conf = float(m.postprocessing.get("operating_conf") or m.postprocessing.conf)
-            out.append(score_detections(dataset, "val", dets, conf, iou=self.settings.rule.iou))
-        return out[0], out[1]
+                            device=self.settings.device, checkpoint=ckpt)
 
     def _step_gate(self) -> None:
+        from hub.gate_scoring import GateScorer
         from models.bundle import load_bundle
         from models.dataset_io import load_dataset
 
@@ -353,19 +370,23 @@ class RetrainJob:
         prod = load_bundle(Path(snap["production_bundle"]), roles=("onnx_int8",))
         golden = load_dataset(Path(self.settings.golden), splits=["val"])
         golden_fp = fingerprint(self.settings.golden)
-        g = self._score_pair(golden, golden_fp, cand, prod)
+        scorer = GateScorer(Path(self.settings.bundles_dir) / ".detections", workers=self.settings.score_workers,
+                            iou=self.settings.rule.iou)
+        g = scorer.pair(golden, golden_fp, cand, prod)
+        g_split = scorer.split(golden, cand)
         new = None
         val_dir = self.work / "reviewed" / "images" / "val"
         if val_dir.is_dir() and any(val_dir.iterdir()):
-            new = self._score_pair(load_dataset(self.work / "reviewed", splits=["val"]), None, cand, prod)
-        result = decide(self.settings.rule, g[0], g[1], *(new or (None, None)))
+            new = scorer.pair(load_dataset(self.work / "reviewed", splits=["val"]), None, cand, prod)
+        new_c, new_p = new if new is not None else (None, None)
+        result = decide(self.settings.rule, g[0], g[1], new_c, new_p, golden_split=g_split)
         if new is None:  # nothing shows that the candidate learned what was reviewed: it does not ship
             result.passed = False
             result.reasons.append(f"new data: no reviewed sample fell on the validation side "
                                   f"(val_share {self.settings.val_share}); review more samples")
         report = write_report(self.work / "gate", result, candidate=cand.manifest.version,
                               production=prod.manifest.version, golden_fingerprint=golden_fp,
-                              golden=g, new=new, rule=self.settings.rule)
+                              golden=g, new=new, rule=self.settings.rule, golden_split=g_split)
         shutil.copytree(self.work / "gate", cand_dir.parent / f"{cand_dir.name}.gate", dirs_exist_ok=True)
         self.state.gate_passed, self.state.gate_reasons = result.passed, result.reasons
         log.info("retrain %s: gate %s for %s (%s)", self.state.job_id, "passed" if result.passed else "FAILED",

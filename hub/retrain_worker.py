@@ -42,13 +42,15 @@ def settings_from_config(config: HubConfig) -> RetrainSettings:
     key = rc.signing_key_file or (Path(env_key) if env_key else None)
     return RetrainSettings(golden=rc.golden, bundles_dir=config.data_dir / "bundles", signing_key=key,
                            replay_data=rc.replay_data, replay_images=rc.replay_images, preset=rc.preset,
-                           epochs=rc.epochs, hours=rc.hours, device=rc.device, workers=rc.workers,
+                           epochs=rc.epochs, hours=rc.hours, device=rc.device, workers=rc.workers, cache=rc.cache,
                            val_share=rc.val_share, min_reviewed=rc.min_reviewed, score_workers=rc.score_workers,
                            calib_images=rc.calib_images, split_retune_steps=rc.split_retune_steps,
                            rule=GateRule(max_recall_drop=rc.max_recall_drop_points / 100,
                                          min_new_data_gain=rc.min_new_data_gain_points / 100,
                                          max_false_alarm_rise=None if rc.max_false_alarm_rise_points is None
-                                         else rc.max_false_alarm_rise_points / 100))
+                                         else rc.max_false_alarm_rise_points / 100,
+                                         max_split_map50_drop=None if rc.max_split_map50_drop_points is None
+                                         else rc.max_split_map50_drop_points / 100))
 
 
 def spawn_retrain(config: HubConfig, *, trigger: str, requested_by: str) -> subprocess.Popen[bytes]:

@@ -1,6 +1,7 @@
 """Predict a dataset split with an ONNX model over several worker processes, and keep the result.
 
-The retraining job scores whole splits with INT8 models on the hub's CPU (release: the job's
+The retraining job scores whole dataset splits with INT8 models (a split bundle's two parts as one
+:class:`SplitModel`) on the hub's CPU (release: the job's
 validation split twice; gate: the golden set and the reviewed data, candidate and production).
 One ONNX Runtime session does not use a many-core host well on a YOLOv8n-sized graph (the gate
 took 63 s on a 16-core host and 58 s on 2 cores), so the split is cut into chunks that worker
@@ -20,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from models.dataset_io import Sample
 from models.detections import Detections
 from models.fsutil import atomic_write_bytes
 
-__all__ = ["DetectionCache", "default_workers", "predict_onnx_split"]
+__all__ = ["DetectionCache", "ModelRef", "SplitModel", "default_workers", "predict_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,32 @@ def default_workers(cpus: int | None = None) -> int:
     return 1 if n < 4 else min(8, n // 2)
 
 
-def _init(model_path: str, multi_label: bool, threads: int) -> None:
-    global _worker_predict
+@dataclass(frozen=True)
+class SplitModel:
+    """A split bundle's two INT8 parts predicted as one model: edge part -> wire codes -> hub part."""
+
+    edge: Path
+    hub: Path
+    imgsz: tuple[int, int]
+
+
+ModelRef = Path | SplitModel
+
+
+def _predictor(model: ModelRef, multi_label: bool, threads: int | None) -> Any:
+    if isinstance(model, SplitModel):
+        from models.split_runtime import SplitEdgeRunner, SplitHubRunner, SplitPredictor
+
+        return SplitPredictor(SplitEdgeRunner(model.edge, threads=threads), SplitHubRunner(model.hub, threads=threads),
+                              model.imgsz, multi_label=multi_label)
     from models.onnx_predict import OnnxPredictor
 
-    _worker_predict = OnnxPredictor(model_path, multi_label=multi_label, intra_op_threads=threads)
+    return OnnxPredictor(model, multi_label=multi_label, intra_op_threads=threads)
+
+
+def _init(model: ModelRef, multi_label: bool, threads: int) -> None:
+    global _worker_predict
+    _worker_predict = _predictor(model, multi_label, threads)
 
 
 def _run(samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]:
@@ -57,24 +80,23 @@ def _run(samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]
     return [d.filter(conf) for d in _worker_predict(frames, conf=conf, iou=iou)]
 
 
-def predict_onnx_split(model_path: Path, samples: Sequence[Sample], *, conf: float = 0.001, iou: float = 0.7,
-                       multi_label: bool = True, workers: int | None = None,
-                       progress: bool = False) -> list[Detections]:
+def predict_samples(model: ModelRef, samples: Sequence[Sample], *, conf: float = 0.001, iou: float = 0.7,
+                    multi_label: bool = True, workers: int | None = None,
+                    progress: bool = False) -> list[Detections]:
     """One :class:`Detections` per sample, in order (as :func:`models.evaluate.predict_split` with an
-    ``OnnxPredictor``); ``workers`` processes (default :func:`default_workers`), 1 = in this process."""
+    ``OnnxPredictor``, or a ``SplitPredictor`` for a :class:`SplitModel`); ``workers`` processes
+    (default :func:`default_workers`), 1 = in this process."""
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, -(-len(samples) // _CHUNK)))
     if workers == 1:
         from models.evaluate import predict_split
-        from models.onnx_predict import OnnxPredictor
 
-        return predict_split(OnnxPredictor(model_path, multi_label=multi_label), samples, conf=conf, iou=iou,
-                             progress=progress)
+        return predict_split(_predictor(model, multi_label, None), samples, conf=conf, iou=iou, progress=progress)
     threads = max(1, (os.cpu_count() or workers) // workers)
     chunks = [list(samples[i : i + _CHUNK]) for i in range(0, len(samples), _CHUNK)]
     out: list[Detections] = []
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
-                             initargs=(str(model_path), multi_label, threads)) as pool:
+                             initargs=(model, multi_label, threads)) as pool:
         results = pool.map(_run, chunks, [conf] * len(chunks), [iou] * len(chunks))
         if progress:
             from tqdm import tqdm

@@ -21,7 +21,7 @@ from models.bundle import Manifest, load_bundle, write_bundle
 from models.dataset_io import load_dataset
 from models.evaluate import evaluate_predictions
 from models.metrics import choose_operating_threshold
-from models.parallel_predict import predict_onnx_split
+from models.parallel_predict import predict_samples
 from models.quantize import DEFAULT_CALIBRATION_IMAGES
 
 __all__ = ["release_bundle"]
@@ -58,7 +58,7 @@ def release_bundle(
         bundle = load_bundle(stage, roles=(*ROLES, "checkpoint"))
         dataset = load_dataset(Path(dataset_dir))
         val = dataset.split("val")
-        dets = {role: predict_onnx_split(bundle.path(role), val, multi_label=True,  # as mAP is usually computed
+        dets = {role: predict_samples(bundle.path(role), val, multi_label=True,  # as mAP is usually computed
                                          workers=workers, progress=progress) for role in ROLES}
         parts = [s.parts for s in val]
         operating = choose_operating_threshold(parts, dets["onnx_int8"], target_far=target_far)

@@ -18,12 +18,15 @@ over (they would overwrite the retrained layers); that tuning is not redone, and
 from __future__ import annotations
 
 import logging
+from multiprocessing import get_context
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from models.bundle import Manifest, load_bundle
 
-__all__ = ["SplitRebuildError", "rebuild_split_parts", "layers_changed"]
+__all__ = ["SplitRebuildError", "layers_changed", "prepare_bottleneck", "prepared_bottleneck", "rebuild_split_parts",
+           "start_prepare_bottleneck"]
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +69,28 @@ def _device(device: str | None) -> str:
     return f"cuda:{device}" if str(device).isdigit() else str(device)
 
 
-def rebuild_split_parts(production: Path, candidate: Path, *, calib_data: Path, work: Path, retune_steps: int = 0,
-                        retune_images: int = 400, device: str | None = None) -> Manifest:
-    """Give ``candidate`` (a bundle without split parts) split parts from ``production``'s
-    bottleneck, in place; its version and parent stay. When the candidate's layers up to the cut
-    are not production's, the bottleneck is fine-tuned for ``retune_steps`` steps on up to
-    ``retune_images`` frames of ``calib_data``'s train split, or (``retune_steps`` 0)
-    :class:`SplitRebuildError`."""
+def prepare_bottleneck(production: Path, candidate_checkpoint: Path, *, calib_data: Path, work: Path,
+                       retune_steps: int = 0, retune_images: int = 400, device: str | None = None) -> dict[str, Any]:
+    """The candidate's bottleneck in ``work/split_bottleneck.pt``: production's, as it is when the
+    candidate's layers up to the cut are production's, else fine-tuned for ``retune_steps`` steps on
+    up to ``retune_images`` frames of ``calib_data``'s train split (``retune_steps`` 0:
+    :class:`SplitRebuildError`). ``work/bottleneck.json`` (written last) holds the metrics and the
+    checkpoint's SHA-256, so that :func:`rebuild_split_parts` reuses a bottleneck prepared earlier
+    (the retraining job prepares it on the GPU while the CPU builds the release) for that checkpoint
+    only."""
     import torch
 
+    from models.bundle import sha256_file
+    from models.fsutil import atomic_write_json
     from models.offline import configure_offline, patch_ultralytics
 
     configure_offline()
     from ultralytics import YOLO
 
-    from models.split_bundle import add_split_parts
-
     patch_ultralytics()
     prod = load_bundle(production, roles=("checkpoint", "split_bottleneck"))
-    cand = load_bundle(candidate, roles=("checkpoint",))
-    split = prod.manifest.split or {}
-    cut = int(split["cut"])
-    cand_yolo = YOLO(str(cand.path("checkpoint")), task="detect")
+    cut = int((prod.manifest.split or {})["cut"])
+    cand_yolo = YOLO(str(candidate_checkpoint), task="detect")
     changed = layers_changed(_state(YOLO(str(prod.path("checkpoint")), task="detect")), _state(cand_yolo), cut)
     metrics: dict[str, Any] = {"bottleneck_from": prod.manifest.version}
     work.mkdir(parents=True, exist_ok=True)
@@ -104,9 +107,8 @@ def rebuild_split_parts(production: Path, candidate: Path, *, calib_data: Path, 
         imgsz = (int(info["imgsz"][0]), int(info["imgsz"][1]))
         images, labels = load_letterboxed(calib_data, "train", imgsz, limit=retune_images)
         dev = _device(device)
-        log.info("split parts for %s: %d tensors of layers 0..%d changed: fine-tuning %s's bottleneck, %d steps "
-                 "on %d frames (%s)", cand.manifest.version, len(changed), cut, prod.manifest.version, retune_steps,
-                 len(images), dev)
+        log.info("split bottleneck: %d tensors of layers 0..%d changed: fine-tuning %s's bottleneck, %d steps "
+                 "on %d frames (%s)", len(changed), cut, prod.manifest.version, retune_steps, len(images), dev)
         bn, tinfo = train_bottleneck(cand_yolo.model, images, labels, cut=cut, width=int(info["width"]),
                                      bits=int(info["bits"]), stride=int(info["stride"]), hidden=info.get("hidden"),
                                      steps1=0, steps2=retune_steps, batch=min(16, len(images)),
@@ -122,9 +124,64 @@ def rebuild_split_parts(production: Path, candidate: Path, *, calib_data: Path, 
         torch.save(raw, tmp)
         tmp.replace(bottleneck)
     metrics["hub_tuning"] = "not redone"
+    atomic_write_json(work / "bottleneck.json", {"checkpoint_sha256": sha256_file(candidate_checkpoint),
+                                                 "cut": cut, "layers_changed": len(changed), "metrics": metrics})
+    return metrics
+
+
+def prepared_bottleneck(work: Path, candidate_checkpoint: Path) -> dict[str, Any] | None:
+    """The metrics of a bottleneck :func:`prepare_bottleneck` left in ``work`` for this checkpoint, or None."""
+    import json
+
+    from models.bundle import sha256_file
+
+    doc_path, bn = work / "bottleneck.json", work / "split_bottleneck.pt"
+    if not (doc_path.is_file() and bn.is_file()):
+        return None
+    try:
+        doc = json.loads(doc_path.read_text())
+    except ValueError:
+        return None
+    if doc.get("checkpoint_sha256") != sha256_file(candidate_checkpoint):
+        return None
+    return dict(doc["metrics"])
+
+
+def start_prepare_bottleneck(production: Path, candidate_checkpoint: Path, **kw: Any) -> BaseProcess | None:
+    """:func:`prepare_bottleneck` in a spawned process (its own CUDA context, nothing shared with the
+    caller's torch), started and returned; None when ``production`` has no split parts or its
+    bottleneck file is not there (there is nothing to prepare)."""
+    prod = load_bundle(production, roles=())
+    entry = prod.manifest.files.get("split_bottleneck")
+    if not prod.manifest.split or entry is None or not (prod.dir / entry.path).is_file():
+        return None
+    proc = get_context("spawn").Process(target=prepare_bottleneck, name="split-bottleneck",
+                                        args=(production, candidate_checkpoint), kwargs=kw)
+    proc.start()
+    log.info("split bottleneck: prepared in process %s beside the caller", proc.pid)
+    return proc
+
+
+def rebuild_split_parts(production: Path, candidate: Path, *, calib_data: Path, work: Path, retune_steps: int = 0,
+                        retune_images: int = 400, device: str | None = None,
+                        checkpoint: Path | None = None) -> Manifest:
+    """Give ``candidate`` (a bundle without split parts) split parts from ``production``'s
+    bottleneck (:func:`prepare_bottleneck`, unless one was prepared in ``work`` for ``checkpoint``:
+    the training's file the candidate was released from; default the bundle's own copy), in place;
+    its version and parent stay."""
+    from models.split_bundle import add_split_parts
+
+    cand = load_bundle(candidate, roles=("checkpoint",))
+    ckpt = checkpoint or cand.path("checkpoint")
+    metrics = prepared_bottleneck(work, ckpt)
+    if metrics is None:
+        metrics = prepare_bottleneck(production, ckpt, calib_data=calib_data, work=work,
+                                     retune_steps=retune_steps, retune_images=retune_images, device=device)
+    else:
+        log.info("split parts for %s: the bottleneck prepared in %s", cand.manifest.version, work)
     m = cand.manifest
-    manifest = add_split_parts(candidate, bottleneck, calib_data, version=m.version, out=candidate, overwrite=True,
-                               parent_version=m.parent_version, metrics=metrics)
-    log.info("split parts for %s: production %s's bottleneck at cut %d%s, hub part from the retrained layers",
-             m.version, prod.manifest.version, cut, " (fine-tuned)" if changed else "")
+    manifest = add_split_parts(candidate, work / "split_bottleneck.pt", calib_data, version=m.version, out=candidate,
+                               overwrite=True, parent_version=m.parent_version, metrics=metrics)
+    log.info("split parts for %s: production's bottleneck at cut %s%s, hub part from the retrained layers",
+             m.version, (manifest.split or {}).get("cut"), " (fine-tuned)" if "bottleneck_retuned" in metrics else "")
     return manifest

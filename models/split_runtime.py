@@ -106,11 +106,11 @@ class SplitPredictor:
     """Edge part -> wire codec -> hub part -> post-processing; ``bytes_sent`` per frame."""
 
     def __init__(self, edge: SplitEdgeRunner, hub: SplitHubRunner, imgsz: tuple[int, int], *, conf: float = 0.25,
-                 iou: float = 0.7, max_det: int = 300) -> None:
+                 iou: float = 0.7, max_det: int = 300, multi_label: bool = False) -> None:
         if edge.spec != hub.spec:
             raise SplitMismatchError(f"edge spec {edge.spec} differs from hub spec {hub.spec}")
         self.edge, self.hub, self.imgsz = edge, hub, imgsz
-        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.conf, self.iou, self.max_det, self.multi_label = conf, iou, max_det, multi_label
         self.bytes_sent: list[int] = []
 
     def __call__(self, frames: Sequence[np.ndarray], conf: float | None = None,
@@ -126,4 +126,4 @@ class SplitPredictor:
             received.append(decode_codes(wire, self.hub.spec))
         raw = self.hub.run(np.stack(received))
         return postprocess(raw, infos, conf=self.conf if conf is None else conf,
-                           iou=self.iou if iou is None else iou, max_det=self.max_det)
+                           iou=self.iou if iou is None else iou, max_det=self.max_det, multi_label=self.multi_label)

@@ -78,11 +78,14 @@ class HubRetrainConfig(BaseModel):
     golden: Path = Field(description="the fixed golden dataset (a val split) the gate scores every candidate on")
     replay_data: Path | None = Field(None, description="earlier training data; a replay buffer is drawn from it")
     replay_images: int = Field(600, ge=0, description="replay buffer size (training images)")
-    preset: str = Field("retrain", pattern=r"^retrain(-ci|-cpu)?$", description="models/train.py preset")
+    preset: str = Field("auto", pattern=r"^(auto|retrain(-ci|-cpu)?)$",
+                        description="models/train.py preset; auto: retrain on a GPU hub, retrain-cpu without one")
     epochs: int | None = Field(None, ge=1, description="override the preset's epochs")
     hours: float | None = Field(None, gt=0, description="cap the training's wall time")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|\d+)$", description="default: Ultralytics' choice")
     workers: int = Field(2, ge=0, description="data loader workers")
+    cache: Literal["ram", "disk"] | None = Field(None, description="Ultralytics' image cache while training "
+                                                                   "(ram: a GPU hub with memory to spare)")
     score_workers: int | None = Field(None, ge=1, description="processes scoring the candidate (release, gate); "
                                                              "default: 1 below 4 cores, else half the cores (<= 8)")
     calib_images: int = Field(100, ge=8, description="INT8 calibration frames")
@@ -93,6 +96,9 @@ class HubRetrainConfig(BaseModel):
     signing_key_file: Path | None = Field(None, description="Ed25519 private key (PEM); default "
                                                             "$LINEGUARD_SIGNING_KEY_FILE")
     max_recall_drop_points: float = Field(1.0, ge=0, le=100, description="gate: per class on the golden set")
+    max_split_map50_drop_points: float | None = Field(
+        1.0, ge=0, le=100, description="gate: a split candidate's parts' golden mAP50 below its whole model's; "
+                                       "null: not checked")
     max_false_alarm_rise_points: float | None = Field(
         1.0, ge=0, le=100, description="gate: candidate part false-alarm rate minus production's on the golden set "
                                        "(needs its parts sidecars); null: not checked")
@@ -107,6 +113,13 @@ class HubRetrainConfig(BaseModel):
 
             CronSchedule.parse(v)  # CronError (a ValueError) names the bad field
         return v
+
+    @model_validator(mode="after")
+    def _preset_fits_device(self) -> HubRetrainConfig:
+        if self.preset == "retrain" and self.device == "cpu":
+            raise ValueError("preset 'retrain' with device 'cpu': that preset trains every layer and fine-tunes the "
+                             "split bottleneck, hours on a CPU; use preset 'retrain-cpu' (or 'auto')")
+        return self
 
 
 class HubRolloutConfig(BaseModel):

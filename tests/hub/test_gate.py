@@ -125,6 +125,29 @@ def test_golden_false_alarm_rule(tmp_path: Path, extra: set[int], rise: float | 
         assert any("part false alarms" in r for r in result.reasons)
 
 
+# 18 true boxes; the split parts miss `missed` of them
+@pytest.mark.parametrize(("missed", "drop", "passed"), [
+    (set(), 0.01, True),
+    ({(3, 0)}, 0.01, False),     # one box of 18 missed: between 1 and 6 points
+    ({(3, 0)}, 0.06, True),
+    ({(3, 0), (4, 0)}, None, True),  # not checked
+])
+def test_split_parts_rule(golden: Any, missed: set[tuple[int, int]], drop: float | None, passed: bool) -> None:
+    whole = score(oracle(), golden, "val", 0.25)
+    split = score(oracle(drop=missed), golden, "val", 0.25)
+    result = decide(GateRule(max_split_map50_drop=drop), whole, whole, golden_split=split)
+    assert result.passed is passed, result.reasons
+    checks = [c for c in result.checks if c["check"] == "golden split mAP50"]
+    assert len(checks) == (0 if drop is None else 1)
+    if checks:
+        assert checks[0]["whole_model"] == whole.report.map50 and checks[0]["candidate"] == split.report.map50
+        assert (checks[0]["candidate"] < whole.report.map50) is bool(missed)
+    if not passed:
+        assert any("split parts' mAP50" in r for r in result.reasons)
+    unsplit = decide(GateRule(max_split_map50_drop=drop), whole, whole)  # an unsplit candidate: no check
+    assert unsplit.passed and not any(c["check"] == "golden split mAP50" for c in unsplit.checks)
+
+
 def test_recall_drop_within_the_rule_passes(golden: Any) -> None:
     prod = score(oracle(), golden, "val", 0.25)
     cand = score(oracle(drop={(3, 0)}), golden, "val", 0.25)
@@ -150,8 +173,10 @@ def test_report_files(golden: Any, tmp_path: Path) -> None:
     result = decide(GateRule(), cand, prod)
     fp = fingerprint(Path(golden.root))
     path = write_report(tmp_path / "report", result, candidate="1.3.0", production="1.2.0", golden_fingerprint=fp,
-                        golden=(cand, prod), rule=GateRule())
+                        golden=(cand, prod), rule=GateRule(), golden_split=cand)
     doc = json.loads(path.read_text())
+    assert doc["golden"]["candidate_split"]["map50"] == cand.report.map50
+    assert doc["rule"]["max_split_map50_drop"] == 0.01
     assert doc["passed"] is False and doc["candidate"] == "1.3.0" and doc["golden_fingerprint"] == fp
     assert doc["golden"]["candidate"]["confusion"][0][3] == 1
     for name in ("confusion.png", "pr_curves.png"):

@@ -132,8 +132,9 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
                                                   max_false_alarm_rise=None)),
                             hub_store.sessions, hub_store.blobs).run()
     assert st2.status == "succeeded" and st2.candidate_version == "1.2.0", st2
-    # production's golden-set detections were predicted once (job 1) and read back in job 2
-    assert len(list((tmp_path / "bundles" / ".detections").glob("*.npz"))) == 1
+    # golden-set detections cached per model: production's predicted once (job 1) and read back in
+    # job 2; each candidate's kept for the week it becomes production
+    assert len(list((tmp_path / "bundles" / ".detections").glob("*.npz"))) == 3
     gate2 = json.loads((tmp_path / "jobs" / st2.job_id / "gate" / "gate.json").read_text())
     assert gate2["golden"]["production"] == gate["golden"]["production"]
     verify_bundle(tmp_path / "bundles" / "1.2.0", load_public_keys([pub]))

@@ -10,7 +10,7 @@ import pytest
 from models.bundle import load_bundle
 from models.dataset_io import Sample
 from models.detections import Detections
-from models.parallel_predict import DetectionCache, default_workers, predict_onnx_split
+from models.parallel_predict import DetectionCache, default_workers, predict_samples
 
 MODEL = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default", roles=("onnx_int8",)).path("onnx_int8")
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "sample_data"
@@ -45,8 +45,8 @@ def _same(a: list[Detections], b: list[Detections]) -> None:
 @pytest.mark.slow
 def test_two_workers_match_one_process(tmp_path: Path) -> None:
     samples = _samples(tmp_path, 20)  # 2 chunks of 16 and 4
-    one = predict_onnx_split(MODEL, samples, conf=0.001, workers=1)
-    two = predict_onnx_split(MODEL, samples, conf=0.001, workers=2)
+    one = predict_samples(MODEL, samples, conf=0.001, workers=1)
+    two = predict_samples(MODEL, samples, conf=0.001, workers=2)
     assert sum(len(d) for d in one) > 0  # the check below compares something
     _same(one, two)
 
@@ -73,3 +73,26 @@ def test_cache_hit_and_unreadable_file(tmp_path: Path) -> None:
     again, hit4 = cache.get(MODEL, "golden-fp", "val", 0.001, 0.7, compute)
     assert not hit4 and len(calls) == 3
     _same(again, dets)
+
+
+@pytest.mark.slow
+def test_split_model_matches_the_split_predictor(tmp_path: Path) -> None:
+    from models.parallel_predict import SplitModel
+    from models.split_runtime import SplitEdgeRunner, SplitHubRunner, SplitPredictor
+
+    b = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default", roles=("split_edge_int8", "split_hub"))
+    model = SplitModel(b.path("split_edge_int8"), b.path("split_hub"), tuple(b.manifest.input_size))  # type: ignore[arg-type]
+    samples = _samples(tmp_path, 18)
+    direct = SplitPredictor(SplitEdgeRunner(model.edge), SplitHubRunner(model.hub), model.imgsz, multi_label=True)
+    expected = [d.filter(0.001) for d in direct([s.read() for s in samples], conf=0.001, iou=0.7)]
+    assert sum(len(d) for d in expected) > 0
+    _same(predict_samples(model, samples, conf=0.001, workers=1), expected)
+    _same(predict_samples(model, samples, conf=0.001, workers=2), expected)
+    import cv2
+
+    cap = cv2.VideoCapture(str(SAMPLES_DIR / "line_1080p.mp4"))  # parts with defects: boxes of two classes
+    frames = [cap.read()[1] for _ in range(4)]
+    cap.release()
+    single = SplitPredictor(SplitEdgeRunner(model.edge), SplitHubRunner(model.hub), model.imgsz)
+    n_multi = sum(len(d) for d in direct(frames, conf=0.001, iou=0.7))
+    assert n_multi > sum(len(d) for d in single(frames, conf=0.001, iou=0.7))  # multi_label reached the decoder

@@ -108,3 +108,45 @@ def test_device_layers_changed_bottleneck_fine_tuned(tmp_path: Path) -> None:
     assert new["state_dict"].keys() == old["state_dict"].keys()
     assert any(not torch.equal(new["state_dict"][k], old["state_dict"][k]) for k in old["state_dict"]
                if old["state_dict"][k].is_floating_point())  # trained from production's weights, not kept
+
+
+def test_a_prepared_bottleneck_is_reused_for_its_checkpoint_only(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.split_rebuild as sr
+
+    cand = _candidate(tmp_path, layer=15)
+    ckpt = tmp_path / "ckpt.pt"
+    work = tmp_path / "w"
+    metrics = sr.prepare_bottleneck(PRODUCTION, ckpt, calib_data=_calib(tmp_path), work=work)
+    assert metrics == {"bottleneck_from": "1.2.0", "hub_tuning": "not redone"}
+    assert sr.prepared_bottleneck(work, ckpt) == metrics
+    other = tmp_path / "other.pt"
+    other.write_bytes(ckpt.read_bytes() + b"\0")
+    assert sr.prepared_bottleneck(work, other) is None  # prepared for another checkpoint
+    doc = json.loads((work / "bottleneck.json").read_text())
+
+    def not_again(*a: object, **k: object) -> None:
+        raise AssertionError("prepare_bottleneck called although one was prepared")
+
+    monkeypatch.setattr(sr, "prepare_bottleneck", not_again)
+    m = sr.rebuild_split_parts(PRODUCTION, cand, calib_data=tmp_path / "calib", work=work, checkpoint=ckpt)
+    assert m.split and m.split["metrics"] == doc["metrics"]
+    (work / "bottleneck.json").write_text("{not json")
+    assert sr.prepared_bottleneck(work, ckpt) is None
+
+
+def test_prepared_in_a_spawned_process(tmp_path: Path) -> None:
+    from models.split_rebuild import prepared_bottleneck, start_prepare_bottleneck
+
+    _candidate(tmp_path, layer=2)
+    ckpt = tmp_path / "ckpt.pt"
+    proc = start_prepare_bottleneck(PRODUCTION, ckpt, calib_data=_calib(tmp_path), work=tmp_path / "w",
+                                    retune_steps=2, device="cpu")
+    assert proc is not None
+    proc.join(300)
+    assert proc.exitcode == 0
+    metrics = prepared_bottleneck(tmp_path / "w", ckpt)
+    assert metrics is not None and metrics["bottleneck_retuned"]["steps"] == 2
+    (tmp_path / "u").mkdir()
+    unsplit = _candidate(tmp_path / "u", layer=15)  # a bundle without split parts: nothing to prepare
+    assert start_prepare_bottleneck(unsplit, ckpt, calib_data=tmp_path / "calib", work=tmp_path / "w2") is None
