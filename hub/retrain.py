@@ -81,7 +81,6 @@ class RetrainSettings:
     hours: float | None = None
     device: str | None = None
     workers: int = 2
-    cache: str | None = None  # Ultralytics' image cache while training: "ram" (a GPU hub with memory to spare)
     val_share: float = 0.2
     min_reviewed: int = 1
     score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
@@ -275,10 +274,9 @@ class RetrainJob:
 
                 ckpt = widen_class_head(ckpt, names, self.work / "start.pt")
                 log.info("retrain %s: class head widened %s -> %s", self.state.job_id, snap["classes"], names)
-            extra: dict[str, Any] = {"cache": self.settings.cache} if self.settings.cache else {}
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
                            weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
-                           device=self.settings.device, workers=self.settings.workers, **extra)
+                           device=self.settings.device, workers=self.settings.workers)
         atomic_write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
 
     def _step_release(self) -> None:

@@ -84,8 +84,6 @@ class HubRetrainConfig(BaseModel):
     hours: float | None = Field(None, gt=0, description="cap the training's wall time")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|\d+)$", description="default: Ultralytics' choice")
     workers: int = Field(2, ge=0, description="data loader workers")
-    cache: Literal["ram", "disk"] | None = Field(None, description="Ultralytics' image cache while training "
-                                                                   "(ram: a GPU hub with memory to spare)")
     score_workers: int | None = Field(None, ge=1, description="processes scoring the candidate (release, gate); "
                                                              "default: 1 below 4 cores, else half the cores (<= 8)")
     calib_images: int = Field(100, ge=8, description="INT8 calibration frames")

@@ -57,7 +57,6 @@ def test_bad_expressions_name_the_field(expr: str, error: str) -> None:
     ({"golden": "g", "calib_images": 4}, r"retrain\.calib_images"),
     ({"golden": "g", "score_workers": 0}, r"retrain\.score_workers"),
     ({"golden": "g", "split_retune_steps": -1}, r"retrain\.split_retune_steps"),
-    ({"golden": "g", "cache": "gpu"}, r"retrain\.cache"),
     ({"golden": "g", "max_split_map50_drop_points": -1}, r"retrain\.max_split_map50_drop_points"),
     ({"golden": "g", "preset": "retrain", "device": "cpu"}, r"retrain: preset 'retrain' with device 'cpu'"),
 ])
@@ -74,5 +73,5 @@ def test_retrain_config_defaults() -> None:
     rc = build_config({"retrain": {"golden": "g"}}).retrain
     assert rc is not None and rc.schedule == "0 2 * * mon" and rc.max_recall_drop_points == 1.0
     assert (rc.calib_images, rc.score_workers, rc.split_retune_steps) == (100, None, 400)
-    assert (rc.preset, rc.cache, rc.max_split_map50_drop_points) == ("auto", None, 1.0)
+    assert (rc.preset, rc.max_split_map50_drop_points) == ("auto", 1.0)
     assert build_config({"retrain": {"golden": "g", "schedule": None}}).retrain.schedule is None  # type: ignore[union-attr]

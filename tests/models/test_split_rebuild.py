@@ -105,6 +105,9 @@ def test_device_layers_changed_bottleneck_fine_tuned(tmp_path: Path) -> None:
     old = torch.load(load_bundle(PRODUCTION, roles=("split_bottleneck",)).path("split_bottleneck"),
                      map_location="cpu", weights_only=True)
     assert new["info"]["retuned_from"] == "1.2.0"
+    # the candidate's hub layers were tuned with the bottleneck, as production's were (tune_hub 0.1)
+    assert m.split["metrics"]["hub_tuning"] == "redone with the bottleneck (lr x 0.1)"
+    assert new["hub_layers"] is not None and new["info"]["tune_hub"] == 0.1
     assert new["state_dict"].keys() == old["state_dict"].keys()
     assert any(not torch.equal(new["state_dict"][k], old["state_dict"][k]) for k in old["state_dict"]
                if old["state_dict"][k].is_floating_point())  # trained from production's weights, not kept
