@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=Path(args.replay or args.golden).resolve(), replay_images=args.replay_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
-        val_share=args.val_share, rule=GateRule(
+        val_share=args.val_share, split_retune_steps=args.split_retune_steps, rule=GateRule(
             max_recall_drop=args.max_recall_drop / 100,
             max_false_alarm_rise=None if args.max_false_alarm_rise < 0 else args.max_false_alarm_rise / 100))
     settings = _with_signing_key(settings, work)
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--split-retune-steps", type=int, default=400, help="the hub config's default")
     p.add_argument("--warm-cache", action="store_true",
                    help="production's golden detections cached before the job (a hub's second job on)")
     p.add_argument("--val-share", type=float, default=0.2)
