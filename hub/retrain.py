@@ -13,15 +13,18 @@ gets :class:`RetrainBusy`). Steps:
    old classes are not forgotten.
 3. ``train``: Ultralytics, starting from the production checkpoint; a new class widens the class
    head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept).
-   ``retrain`` trains every layer; ``retrain-cpu`` freezes the backbone (layers 0-9).
+   ``retrain`` trains every layer; ``retrain-cpu`` freezes the backbone (layers 0-9); ``auto``
+   (the default) picks ``retrain`` on a GPU hub, ``retrain-cpu`` without one.
 4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
    (:func:`models.release.release_bundle`), version = production's minor + 1.
 5. ``split``: when production has split parts, the candidate gets its own: production's bottleneck,
    as it is when layers 0..cut are production's (tensor for tensor), else fine-tuned to the new
-   layers (``split_retune_steps``); the hub part rebuilt from the new layers (INT8, calibrated on
-   the training data). Skipped for an unsplit production.
-6. ``gate``: candidate and production scored on the golden set and on the new reviewed data
-   (:mod:`hub.gate`); the report lands in the job directory and in the bundle directory.
+   layers (``split_retune_steps``; on a GPU hub in a process started beside the release step);
+   the hub part rebuilt from the new layers (INT8, calibrated on the training data). Skipped for
+   an unsplit production.
+6. ``gate``: candidate and production scored on the golden set and on the new reviewed data, a
+   split candidate's parts on the golden set (:mod:`hub.gate`, :mod:`hub.gate_scoring`); the
+   report lands in the job directory and in the bundle directory.
 7. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
 8. ``register``: in the model registry as ``candidate`` (passed) or ``rejected`` (failed), with the
    training data snapshot and the gate's figures.
@@ -29,16 +32,14 @@ gets :class:`RetrainBusy`). Steps:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.gate import GateRule, decide, fingerprint, write_report
+from hub.gate import decide, fingerprint, write_report
 from hub.retrain_data import copy_split, dataset_names
+from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
 from hub.tables import Sample
 from models.fsutil import atomic_write_json
 
@@ -59,83 +61,6 @@ __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "Re
 log = logging.getLogger(__name__)
 
 STEPS = ("snapshot", "dataset", "train", "release", "split", "gate", "sign", "register")
-
-
-class RetrainError(RuntimeError):
-    """A job that cannot go on; the message says which step and why."""
-
-
-class RetrainBusy(RetrainError):
-    """Another retraining job holds the lock."""
-
-
-@dataclass(frozen=True)
-class RetrainSettings:
-    golden: Path  # a dataset directory with a val split; never changes between retrainings
-    bundles_dir: Path  # new bundles are written to bundles_dir/<version>
-    signing_key: Path | None  # Ed25519 private key (PEM)
-    replay_data: Path | None = None
-    replay_images: int = 600
-    preset: str = "auto"  # auto: "retrain" with a GPU, "retrain-cpu" without (see resolve_preset)
-    epochs: int | None = None
-    hours: float | None = None
-    device: str | None = None
-    workers: int = 2
-    val_share: float = 0.2
-    min_reviewed: int = 1
-    score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
-    calib_images: int = 100  # INT8 calibration frames (the gate scores the INT8 model that results)
-    split_retune_steps: int = 400  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
-    rule: GateRule = field(default_factory=GateRule)
-
-
-@dataclass
-class JobState:
-    job_id: str
-    trigger: str  # manual | schedule
-    requested_by: str
-    status: str = "queued"  # queued | running | succeeded | rejected | failed
-    step: str | None = None
-    steps_done: list[str] = field(default_factory=list)
-    created_at: str = ""
-    started_at: str | None = None
-    finished_at: str | None = None
-    production_version: str | None = None
-    candidate_version: str | None = None
-    gate_passed: bool | None = None
-    gate_reasons: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-    @classmethod
-    def read(cls, path: Path) -> JobState:
-        return cls(**json.loads(path.read_text()))
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def next_version(versions: list[str]) -> str:
-    """Minor + 1 over the highest ``MAJOR.MINOR.PATCH`` in ``versions``."""
-    parsed = [tuple(int(p) for p in v.split(".")) for v in versions]
-    major, minor, _ = max(parsed) if parsed else (1, -1, 0)
-    return f"{major}.{minor + 1}.0"
-
-
-@contextmanager
-def job_lock(lock: Path) -> Iterator[None]:
-    """Hold the one-job-at-a-time lock; :class:`RetrainBusy` when another process holds it."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise RetrainBusy(f"another retraining job holds {lock}") from e
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class RetrainJob:
@@ -153,7 +78,7 @@ class RetrainJob:
         job_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{random.randrange(16**4):04x}"
         work = Path(root) / job_id
         work.mkdir(parents=True)
-        atomic_write_json(work / "state.json", asdict(JobState(job_id, trigger, requested_by, created_at=_now())))
+        atomic_write_json(work / "state.json", asdict(JobState(job_id, trigger, requested_by, created_at=now())))
         return cls(work, settings, sessions, blobs, **kw)
 
     @staticmethod
@@ -175,7 +100,7 @@ class RetrainJob:
             st = self.state
             if st.status in ("succeeded", "rejected", "failed"):
                 return st
-            st.status, st.started_at, st.error = "running", st.started_at or _now(), None
+            st.status, st.started_at, st.error = "running", st.started_at or now(), None
             self._save()
             try:
                 for step in STEPS:
@@ -193,7 +118,7 @@ class RetrainJob:
             except Exception as e:
                 st.status, st.error = "failed", f"{st.step}: {type(e).__name__}: {e}"
                 log.exception("retrain %s failed at %s", st.job_id, st.step)
-            st.finished_at = _now()
+            st.finished_at = now()
             self._save()
             return st
 

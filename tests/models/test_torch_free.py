@@ -95,3 +95,12 @@ def test_imports_without_torch(module):
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_model_cli_starts_without_opencv() -> None:
+    """`lineguard-model --help` and the commands that need no image work do not load OpenCV
+    (the synthetic-line package exports lazily)."""
+    code = "import sys, models.cli; assert 'cv2' not in sys.modules, 'cv2 loaded'; " \
+           "from models.synth import generate_dataset; assert 'cv2' in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

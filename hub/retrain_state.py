@@ -1,0 +1,92 @@
+"""A retraining job's settings, its state file, its lock and its version number (:mod:`hub.retrain`)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hub.gate import GateRule
+
+__all__ = ["JobState", "RetrainBusy", "RetrainError", "RetrainSettings", "job_lock", "next_version", "now"]
+
+
+class RetrainError(RuntimeError):
+    """A job that cannot go on; the message says which step and why."""
+
+
+class RetrainBusy(RetrainError):
+    """Another retraining job holds the lock."""
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    golden: Path  # a dataset directory with a val split; never changes between retrainings
+    bundles_dir: Path  # new bundles are written to bundles_dir/<version>
+    signing_key: Path | None  # Ed25519 private key (PEM)
+    replay_data: Path | None = None
+    replay_images: int = 600
+    preset: str = "auto"  # auto: "retrain" with a GPU, "retrain-cpu" without (see resolve_preset)
+    epochs: int | None = None
+    hours: float | None = None
+    device: str | None = None
+    workers: int = 2
+    val_share: float = 0.2
+    min_reviewed: int = 1
+    score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
+    calib_images: int = 100  # INT8 calibration frames (the gate scores the INT8 model that results)
+    split_retune_steps: int = 400  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
+    rule: GateRule = field(default_factory=GateRule)
+
+
+@dataclass
+class JobState:
+    job_id: str
+    trigger: str  # manual | schedule
+    requested_by: str
+    status: str = "queued"  # queued | running | succeeded | rejected | failed
+    step: str | None = None
+    steps_done: list[str] = field(default_factory=list)
+    created_at: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    production_version: str | None = None
+    candidate_version: str | None = None
+    gate_passed: bool | None = None
+    gate_reasons: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> JobState:
+        return cls(**json.loads(path.read_text()))
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def next_version(versions: list[str]) -> str:
+    """Minor + 1 over the highest ``MAJOR.MINOR.PATCH`` in ``versions``."""
+    parsed = [tuple(int(p) for p in v.split(".")) for v in versions]
+    major, minor, _ = max(parsed) if parsed else (1, -1, 0)
+    return f"{major}.{minor + 1}.0"
+
+
+@contextmanager
+def job_lock(lock: Path) -> Iterator[None]:
+    """Hold the one-job-at-a-time lock; :class:`RetrainBusy` when another process holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RetrainBusy(f"another retraining job holds {lock}") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
