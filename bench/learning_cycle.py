@@ -160,14 +160,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_ingest = time.perf_counter() - t0
 
     preset = args.preset
-    if args.freeze is not None or args.lr0 is not None:  # a variant of the preset, for this run only
+    if args.freeze is not None or args.lr0 is not None or args.train_seed is not None:  # a variant, this run only
         from dataclasses import replace as _replace
 
         from models.train import PRESETS
 
         base = PRESETS[args.preset]
         over = {**base.overrides, **({"freeze": args.freeze} if args.freeze is not None else {}),
-                **({"lr0": args.lr0} if args.lr0 is not None else {})}
+                **({"lr0": args.lr0} if args.lr0 is not None else {}),
+                **({"seed": args.train_seed} if args.train_seed is not None else {})}
         preset = f"{args.preset}-bench"
         PRESETS[preset] = _replace(base, name=preset, overrides=over)
     settings = RetrainSettings(
@@ -231,7 +232,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
     res: dict[str, Any] = {
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
-                    "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "epochs": args.epochs,
+                    "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed, "epochs": args.epochs,
                     "hours": args.hours, "device": args.device,
                     "replay_images": args.replay_images, "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")
     p.add_argument("--lr0", type=float, default=None, help="override the preset's learning rate")
+    p.add_argument("--train-seed", type=int, default=None, help="Ultralytics' seed (default 0): run-to-run spread")
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")
     p.add_argument("--workers", type=int, default=2)
