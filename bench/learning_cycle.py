@@ -232,7 +232,8 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
     res: dict[str, Any] = {
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
-                    "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed, "epochs": args.epochs,
+                    "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
+                    "epochs": args.epochs,
                     "hours": args.hours, "device": args.device,
                     "replay_images": args.replay_images, "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
