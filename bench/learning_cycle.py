@@ -43,6 +43,7 @@ from _common import emit_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hub.gate import GateRule, mapped_predictor, score  # noqa: E402
+from hub.gate_scoring import operating_conf  # noqa: E402
 from hub.retrain import RetrainJob, RetrainSettings  # noqa: E402
 from models.bundle import Bundle, load_bundle  # noqa: E402
 from models.dataset_io import YoloDataset, load_dataset  # noqa: E402
@@ -56,11 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def _predictor(bundle: Bundle, names: list[str]) -> Any:
     return mapped_predictor(OnnxPredictor(bundle.path("onnx_int8"), multi_label=True), list(bundle.manifest.classes),
                             names)
-
-
-def _operating_conf(bundle: Bundle) -> float:
-    pp = bundle.manifest.postprocessing
-    return float(pp.get("operating_conf") or pp.conf)
 
 
 def _build_hub(work: Path, production: Path) -> tuple[Any, Any]:
@@ -83,7 +79,7 @@ def _send_samples(sessions: Any, blobs: Any, field: YoloDataset, n: int, prod: B
 
     pipeline, topics = IngestPipeline(sessions, blobs), Topics()
     predict = OnnxPredictor(prod.path("onnx_int8"))
-    conf, names = _operating_conf(prod), list(prod.manifest.classes)
+    conf, names = operating_conf(prod), list(prod.manifest.classes)
     ids = []
     for i, smp in enumerate(tqdm(field.split("train")[:n], desc="samples", unit="frame")):
         frame = smp.read()
@@ -130,7 +126,7 @@ def _review(sessions: Any, field: YoloDataset, ids: list[str]) -> dict[str, int]
 
 
 def _scores(bundle: Bundle, field: YoloDataset) -> dict[str, Any]:
-    sc = score(_predictor(bundle, list(field.names)), field, "test", _operating_conf(bundle), progress=True)
+    sc = score(_predictor(bundle, list(field.names)), field, "test", operating_conf(bundle), progress=True)
     out = sc.to_dict()
     out.pop("confusion")
     cm = sc.confusion

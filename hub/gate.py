@@ -171,24 +171,29 @@ def score_detections(dataset: YoloDataset, split: str, dets: Sequence[Detections
     return Scored(report, operating_conf, recall, cm, list(dataset.names), dm.compute())
 
 
-def _false_alarm_check(rule: GateRule, cand: Scored, prod: Scored) -> dict[str, Any] | None:
+def _false_alarm_check(rule: GateRule, cand: Scored, prod: Scored) -> tuple[dict[str, Any], str] | None:
     if rule.max_false_alarm_rise is None:
         return None
     pc, pp = cand.report.part_level or {}, prod.report.part_level or {}
     if not pp.get("n_good") or not pc.get("n_good"):  # no parts sidecars: no good parts to count
         return None
     c, p = float(pc["false_alarm_rate"]), float(pp["false_alarm_rate"])
-    return {"check": "golden part false alarms", "candidate": c, "production": p,
-            "limit": round(p + rule.max_false_alarm_rise, 6), "n_good": int(pc["n_good"]),
-            "ok": c <= p + rule.max_false_alarm_rise + 1e-12}
+    check = {"check": "golden part false alarms", "candidate": c, "production": p,
+             "limit": round(p + rule.max_false_alarm_rise, 6), "n_good": int(pc["n_good"]),
+             "ok": c <= p + rule.max_false_alarm_rise + 1e-12}
+    return check, (f"golden set: part false alarms {c:.4f} > production {p:.4f} + "
+                   f"{rule.max_false_alarm_rise:.4f}")
 
 
-def _split_check(rule: GateRule, whole: Scored, split: Scored | None) -> dict[str, Any] | None:
+def _split_check(rule: GateRule, whole: Scored, split: Scored | None) -> tuple[dict[str, Any], str] | None:
     if split is None or rule.max_split_map50_drop is None:
         return None
-    limit = whole.report.map50 - rule.max_split_map50_drop
-    return {"check": "golden split mAP50", "candidate": split.report.map50, "whole_model": whole.report.map50,
-            "limit": round(limit, 6), "ok": split.report.map50 >= limit - 1e-12}
+    s, w = split.report.map50, whole.report.map50
+    limit = w - rule.max_split_map50_drop
+    check = {"check": "golden split mAP50", "candidate": s, "whole_model": w, "limit": round(limit, 6),
+             "ok": s >= limit - 1e-12}
+    return check, (f"golden set: split parts' mAP50 {s:.3f} < the whole model's {w:.3f} - "
+                   f"{rule.max_split_map50_drop:.3f}")
 
 
 def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
@@ -208,18 +213,13 @@ def decide(rule: GateRule, golden_candidate: Scored, golden_production: Scored,
         if not ok:
             reasons.append(f"golden set: recall of {name!r} {0.0 if cand is None else cand:.3f} < "
                            f"production {base:.3f} - {rule.max_recall_drop:.3f}")
-    far = _false_alarm_check(rule, golden_candidate, golden_production)
-    if far is not None:
-        checks.append(far)
-        if not far["ok"]:
-            reasons.append(f"golden set: part false alarms {far['candidate']:.4f} > production "
-                           f"{far['production']:.4f} + {rule.max_false_alarm_rise:.4f}")
-    split = _split_check(rule, golden_candidate, golden_split)
-    if split is not None:
-        checks.append(split)
-        if not split["ok"]:
-            reasons.append(f"golden set: split parts' mAP50 {split['candidate']:.3f} < the whole model's "
-                           f"{split['whole_model']:.3f} - {rule.max_split_map50_drop:.3f}")
+    for extra in (_false_alarm_check(rule, golden_candidate, golden_production),
+                  _split_check(rule, golden_candidate, golden_split)):
+        if extra is not None:
+            check, reason = extra
+            checks.append(check)
+            if not check["ok"]:
+                reasons.append(reason)
     if new_candidate is not None and new_production is not None:
         gain = new_candidate.report.map50 - new_production.report.map50
         ok = gain > rule.min_new_data_gain

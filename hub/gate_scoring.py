@@ -18,7 +18,7 @@ from models.bundle import Bundle
 from models.dataset_io import YoloDataset
 from models.detections import Detections
 
-__all__ = ["GateScorer", "SPLIT_ROLES"]
+__all__ = ["GateScorer", "SPLIT_ROLES", "operating_conf"]
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 SPLIT_ROLES = ("split_edge_int8", "split_hub")
 
 
-def _operating_conf(b: Bundle) -> float:
+def operating_conf(b: Bundle) -> float:
+    """The threshold the line alarms at: the manifest's ``operating_conf`` (its ``conf`` when that is 0)."""
     pp = b.manifest.postprocessing
     return float(pp.get("operating_conf") or pp.conf)
 
@@ -61,7 +62,7 @@ class GateScorer:
                 log.info("gate: %s %s on the golden set %s", who, b.manifest.version,
                          "from the detection cache" if hit else "predicted (now cached)")
             dets = map_classes(dets, list(b.manifest.classes), list(dataset.names))
-            out.append(score_detections(dataset, "val", dets, _operating_conf(b), iou=self.iou))
+            out.append(score_detections(dataset, "val", dets, operating_conf(b), iou=self.iou))
         return out[0], out[1]
 
     def split(self, dataset: YoloDataset, cand: Bundle) -> Scored | None:
@@ -77,4 +78,4 @@ class GateScorer:
         imgsz = (int(m.input_size[0]), int(m.input_size[1]))
         dets = self._predict(SplitModel(cand.path(SPLIT_ROLES[0]), cand.path(SPLIT_ROLES[1]), imgsz), dataset)
         dets = map_classes(dets, list(m.classes), list(dataset.names))
-        return score_detections(dataset, "val", dets, _operating_conf(cand), iou=self.iou)
+        return score_detections(dataset, "val", dets, operating_conf(cand), iou=self.iou)

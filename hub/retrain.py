@@ -266,14 +266,13 @@ class RetrainJob:
             log.info("retrain %s: production %s is not split: no split parts to rebuild", self.state.job_id,
                      prod.manifest.version)
             return
-        entry = prod.manifest.files.get("split_bottleneck")
-        if entry is None or not (prod.dir / entry.path).is_file():
+        from models.split_rebuild import production_bottleneck, rebuild_split_parts
+
+        if production_bottleneck(prod) is None:
             log.warning("retrain %s: production %s is split but its bottleneck is not on this hub (%s): the "
                         "candidate gets no split parts", self.state.job_id, prod.manifest.version,
                         Path(snap["production_bundle"]))
             return
-        from models.split_rebuild import rebuild_split_parts
-
         assert self.state.candidate_version
         cand = Path(self.settings.bundles_dir) / self.state.candidate_version
         ckpt = Path(json.loads((self.work / "train.json").read_text())["checkpoint"])

@@ -25,10 +25,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from models.bundle import Manifest, load_bundle
+from models.bundle import Bundle, Manifest, load_bundle
 
-__all__ = ["SplitRebuildError", "layers_changed", "prepare_bottleneck", "prepared_bottleneck", "rebuild_split_parts",
-           "start_prepare_bottleneck"]
+__all__ = ["SplitRebuildError", "layers_changed", "prepare_bottleneck", "prepared_bottleneck", "production_bottleneck",
+           "rebuild_split_parts", "start_prepare_bottleneck"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,15 @@ def prepared_bottleneck(work: Path, candidate_checkpoint: Path) -> dict[str, Any
     return dict(doc["metrics"])
 
 
+def production_bottleneck(prod: Bundle) -> Path | None:
+    """The split bottleneck file of a split bundle, when it is there (a hub may hold a split
+    production without it); None for an unsplit bundle or a missing file."""
+    entry = prod.manifest.files.get("split_bottleneck")
+    if not prod.manifest.split or entry is None or not (prod.dir / entry.path).is_file():
+        return None
+    return prod.dir / entry.path
+
+
 def _prepare_in_child(production: Path, candidate_checkpoint: Path, **kw: Any) -> None:
     """The child's work is on the GPU: two CPU threads for torch and OpenCV leave the cores to the
     release's INT8 calibration and scoring running beside it (with torch's default of one thread per
@@ -168,9 +177,7 @@ def start_prepare_bottleneck(production: Path, candidate_checkpoint: Path, **kw:
     """:func:`prepare_bottleneck` in a spawned process (its own CUDA context, nothing shared with the
     caller's torch), started and returned; None when ``production`` has no split parts or its
     bottleneck file is not there (there is nothing to prepare)."""
-    prod = load_bundle(production, roles=())
-    entry = prod.manifest.files.get("split_bottleneck")
-    if not prod.manifest.split or entry is None or not (prod.dir / entry.path).is_file():
+    if production_bottleneck(load_bundle(production, roles=())) is None:
         return None
     proc = get_context("spawn").Process(target=_prepare_in_child, name="split-bottleneck",
                                         args=(production, candidate_checkpoint), kwargs=kw)
