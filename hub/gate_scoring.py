@@ -1,7 +1,8 @@
 """Scoring for the gate step of a retraining job (:mod:`hub.retrain`): the candidate and production
 on a dataset's val split, and a split candidate's two parts on the golden set.
 
-Scoring passes run over worker processes (:func:`models.parallel_predict.predict_samples`). On the
+Scoring passes run over worker processes, all of a gate's passes over one pool
+(:func:`models.parallel_predict.predict_many`, :meth:`GateScorer.score_all`). On the
 golden set both models' detections go through :class:`~models.parallel_predict.DetectionCache`:
 production's are the same every week, and a candidate that is promoted is next week's production,
 so from the second job on a hub the production pass is read back instead of predicted.
@@ -11,19 +12,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hub.gate import Scored, map_classes, score_detections
 from models.bundle import Bundle
 from models.dataset_io import YoloDataset
 from models.detections import Detections
 
-__all__ = ["GateScorer", "SPLIT_ROLES", "operating_conf"]
+__all__ = ["GateScorer", "GateScores", "SPLIT_ROLES", "operating_conf"]
 
 log = logging.getLogger(__name__)
 
 #: the parts a split agent and the hub run; a candidate with both is scored as a split model too
 SPLIT_ROLES = ("split_edge_int8", "split_hub")
+_CONF, _NMS_IOU = 0.001, 0.7  # prediction settings of every scoring pass (as mAP is usually computed)
+
+
+class GateScores(NamedTuple):
+    """What :meth:`GateScorer.score_all` returns: (candidate, production) on the golden set, the
+    candidate's split parts there (None without parts), (candidate, production) on the reviewed data."""
+
+    golden: tuple[Scored, Scored]
+    split: Scored | None
+    new: tuple[Scored, Scored] | None
 
 
 def operating_conf(b: Bundle) -> float:
@@ -41,10 +52,48 @@ class GateScorer:
 
         self.cache, self.workers, self.iou = DetectionCache(cache_dir), workers, iou
 
-    def _predict(self, model: Any, dataset: YoloDataset) -> list[Detections]:
-        from models.parallel_predict import predict_samples
+    def _predict(self, jobs: list[tuple[Any, YoloDataset]]) -> list[list[Detections]]:
+        from models.parallel_predict import predict_many
 
-        return predict_samples(model, dataset.split("val"), conf=0.001, iou=0.7, workers=self.workers)
+        return predict_many([(model, ds.split("val")) for model, ds in jobs], conf=_CONF, iou=_NMS_IOU,
+                            workers=self.workers)
+
+    def _score(self, dataset: YoloDataset, b: Bundle, dets: list[Detections]) -> Scored:
+        dets = map_classes(dets, list(b.manifest.classes), list(dataset.names))
+        return score_detections(dataset, "val", dets, operating_conf(b), iou=self.iou)
+
+    def score_all(self, golden: YoloDataset, golden_key: str, cand: Bundle, prod: Bundle,
+                  reviewed: YoloDataset | None = None) -> GateScores:
+        """Every pass the gate needs over **one** pool of workers: both models on the golden set
+        (each read from the detection cache when it is there, else predicted and cached), the
+        candidate's split parts on the golden set, and both models on the reviewed data."""
+        cand_split = self._split_bundle(cand)
+        jobs: list[tuple[str, Any, YoloDataset]] = []
+        got: dict[str, list[Detections]] = {}
+        for b, who in ((cand, "candidate"), (prod, "production")):
+            hit = self.cache.lookup(b.path("onnx_int8"), golden_key, "val", _CONF, _NMS_IOU)
+            log.info("gate: %s %s on the golden set %s", who, b.manifest.version,
+                     "from the detection cache" if hit is not None else "to predict (then cached)")
+            if hit is None:
+                jobs.append((f"golden {who}", b.path("onnx_int8"), golden))
+            else:
+                got[f"golden {who}"] = hit
+        if cand_split is not None:
+            jobs.append(("golden split", self._split_model(cand_split), golden))
+        if reviewed is not None:
+            jobs += [("new candidate", cand.path("onnx_int8"), reviewed),
+                     ("new production", prod.path("onnx_int8"), reviewed)]
+        preds = self._predict([(m, ds) for _, m, ds in jobs]) if jobs else []
+        for (tag, model, _), dets in zip(jobs, preds, strict=True):
+            got[tag] = dets
+            if tag.startswith("golden ") and tag != "golden split":
+                self.cache.put(model, golden_key, "val", _CONF, _NMS_IOU, dets)
+        golden_pair = (self._score(golden, cand, got["golden candidate"]),
+                       self._score(golden, prod, got["golden production"]))
+        split = self._score(golden, cand, got["golden split"]) if cand_split is not None else None
+        new = ((self._score(reviewed, cand, got["new candidate"]), self._score(reviewed, prod, got["new production"]))
+               if reviewed is not None else None)
+        return GateScores(golden_pair, split, new)
 
     def pair(self, dataset: YoloDataset, dataset_key: str | None, cand: Bundle, prod: Bundle) -> tuple[Scored, Scored]:
         """Candidate and production on ``dataset``'s val split, each at its own operating threshold.
@@ -53,29 +102,38 @@ class GateScorer:
         for b, who in ((cand, "candidate"), (prod, "production")):
             model = b.path("onnx_int8")
             if dataset_key is None:
-                dets = self._predict(model, dataset)
+                dets = self._predict([(model, dataset)])[0]
             else:
                 def predict(model: Path = model) -> list[Detections]:
-                    return self._predict(model, dataset)
+                    return self._predict([(model, dataset)])[0]
 
-                dets, hit = self.cache.get(model, dataset_key, "val", 0.001, 0.7, predict)
+                dets, hit = self.cache.get(model, dataset_key, "val", _CONF, _NMS_IOU, predict)
                 log.info("gate: %s %s on the golden set %s", who, b.manifest.version,
                          "from the detection cache" if hit else "predicted (now cached)")
-            dets = map_classes(dets, list(b.manifest.classes), list(dataset.names))
-            out.append(score_detections(dataset, "val", dets, operating_conf(b), iou=self.iou))
+            out.append(self._score(dataset, b, dets))
         return out[0], out[1]
 
     def split(self, dataset: YoloDataset, cand: Bundle) -> Scored | None:
         """The candidate's split parts (edge INT8 -> wire codes -> hub INT8) on ``dataset``'s val
         split at the candidate's operating threshold; None for a candidate without split parts."""
+        b = self._split_bundle(cand)
+        if b is None:
+            return None
+        return self._score(dataset, b, self._predict([(self._split_model(b), dataset)])[0])
+
+    @staticmethod
+    def _split_bundle(cand: Bundle) -> Bundle | None:
+        """The candidate with its split parts' hashes checked (as the agents will); None without parts."""
         m = cand.manifest
         if not m.split or not all(r in m.files for r in SPLIT_ROLES):
             return None
         from models.bundle import load_bundle
+
+        return load_bundle(cand.dir, roles=SPLIT_ROLES)
+
+    @staticmethod
+    def _split_model(b: Bundle) -> Any:
         from models.parallel_predict import SplitModel
 
-        cand = load_bundle(cand.dir, roles=SPLIT_ROLES)  # the parts' hashes checked as the agents will
-        imgsz = (int(m.input_size[0]), int(m.input_size[1]))
-        dets = self._predict(SplitModel(cand.path(SPLIT_ROLES[0]), cand.path(SPLIT_ROLES[1]), imgsz), dataset)
-        dets = map_classes(dets, list(m.classes), list(dataset.names))
-        return score_detections(dataset, "val", dets, operating_conf(cand), iou=self.iou)
+        imgsz = (int(b.manifest.input_size[0]), int(b.manifest.input_size[1]))
+        return SplitModel(b.path(SPLIT_ROLES[0]), b.path(SPLIT_ROLES[1]), imgsz)

@@ -294,12 +294,10 @@ class RetrainJob:
         golden_fp = fingerprint(self.settings.golden)
         scorer = GateScorer(Path(self.settings.bundles_dir) / ".detections", workers=self.settings.score_workers,
                             iou=self.settings.rule.iou)
-        g = scorer.pair(golden, golden_fp, cand, prod)
-        g_split = scorer.split(golden, cand)
-        new = None
         val_dir = self.work / "reviewed" / "images" / "val"
-        if val_dir.is_dir() and any(val_dir.iterdir()):
-            new = scorer.pair(load_dataset(self.work / "reviewed", splits=["val"]), None, cand, prod)
+        reviewed = (load_dataset(self.work / "reviewed", splits=["val"])
+                    if val_dir.is_dir() and any(val_dir.iterdir()) else None)
+        g, g_split, new = scorer.score_all(golden, golden_fp, cand, prod, reviewed)
         new_c, new_p = new if new is not None else (None, None)
         result = decide(self.settings.rule, g[0], g[1], new_c, new_p, golden_split=g_split)
         if new is None:  # nothing shows that the candidate learned what was reviewed: it does not ship

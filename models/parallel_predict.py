@@ -7,6 +7,8 @@ One ONNX Runtime session does not use a many-core host well on a YOLOv8n-sized g
 took 63 s on a 16-core host and 58 s on 2 cores), so the split is cut into chunks that worker
 processes predict, each with its own session and a share of the cores. Workers are spawned, not
 forked: the job's process has torch loaded, and a forked OpenMP runtime can hang.
+:func:`predict_many` runs several (model, samples) passes over one pool: a job's passes (the
+release's two, the gate's three to five) then share one spawn and no core idles between passes.
 
 :class:`DetectionCache` keeps a model's detections on a dataset (keyed by the model file's
 SHA-256, the dataset's fingerprint and the prediction settings): production's figures on the
@@ -33,12 +35,11 @@ from models.dataset_io import Sample
 from models.detections import Detections
 from models.fsutil import atomic_write_bytes
 
-__all__ = ["DetectionCache", "ModelRef", "SplitModel", "default_workers", "predict_samples"]
+__all__ = ["DetectionCache", "ModelRef", "SplitModel", "default_workers", "predict_many", "predict_samples"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 16
-_worker_predict: Any = None
 
 
 def default_workers(cpus: int | None = None) -> int:
@@ -70,14 +71,23 @@ def _predictor(model: ModelRef, multi_label: bool, threads: int | None) -> Any:
     return OnnxPredictor(model, multi_label=multi_label, intra_op_threads=threads)
 
 
-def _init(model: ModelRef, multi_label: bool, threads: int) -> None:
-    global _worker_predict
-    _worker_predict = _predictor(model, multi_label, threads)
+_predictors: dict[tuple[ModelRef, bool], Any] = {}  # a worker's sessions, by model
+_threads: int | None = None  # a worker's ONNX Runtime threads
 
 
-def _run(samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]:
+def _init(threads: int) -> None:
+    global _threads
+    _threads = threads
+
+
+def _run(model: ModelRef, multi_label: bool, samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]:
+    """One chunk in a worker; the worker keeps one session per model it has been given."""
+    key = (model, multi_label)
+    predict = _predictors.get(key)
+    if predict is None:
+        predict = _predictors[key] = _predictor(model, multi_label, _threads)
     frames = [s.read() for s in samples]
-    return [d.filter(conf) for d in _worker_predict(frames, conf=conf, iou=iou)]
+    return [d.filter(conf) for d in predict(frames, conf=conf, iou=iou)]
 
 
 def predict_samples(model: ModelRef, samples: Sequence[Sample], *, conf: float = 0.001, iou: float = 0.7,
@@ -86,26 +96,42 @@ def predict_samples(model: ModelRef, samples: Sequence[Sample], *, conf: float =
     """One :class:`Detections` per sample, in order (as :func:`models.evaluate.predict_split` with an
     ``OnnxPredictor``, or a ``SplitPredictor`` for a :class:`SplitModel`); ``workers`` processes
     (default :func:`default_workers`), 1 = in this process."""
+    return predict_many([(model, samples)], conf=conf, iou=iou, multi_label=multi_label, workers=workers,
+                        progress=progress)[0]
+
+
+def predict_many(jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], *, conf: float = 0.001, iou: float = 0.7,
+                 multi_label: bool = True, workers: int | None = None,
+                 progress: bool = False) -> list[list[Detections]]:
+    """:func:`predict_samples` for several (model, samples) jobs over **one** pool of workers: the
+    chunks of every job are queued together, so the cores stay busy to the end of the last job and
+    the workers are spawned once (each loads a model when it first gets one of its chunks). Returns
+    one list per job, in order."""
+    total = sum(len(samples) for _, samples in jobs)
     workers = default_workers() if workers is None else max(1, int(workers))
-    workers = min(workers, max(1, -(-len(samples) // _CHUNK)))
+    workers = min(workers, max(1, -(-total // _CHUNK)))
     if workers == 1:
         from models.evaluate import predict_split
 
-        return predict_split(_predictor(model, multi_label, None), samples, conf=conf, iou=iou, progress=progress)
+        return [predict_split(_predictor(model, multi_label, None), samples, conf=conf, iou=iou, progress=progress)
+                for model, samples in jobs]
     threads = max(1, (os.cpu_count() or workers) // workers)
-    chunks = [list(samples[i : i + _CHUNK]) for i in range(0, len(samples), _CHUNK)]
-    out: list[Detections] = []
+    chunks = [(j, model, list(samples[i : i + _CHUNK]))
+              for j, (model, samples) in enumerate(jobs) for i in range(0, len(samples), _CHUNK)]
+    out: list[list[Detections]] = [[] for _ in jobs]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
-                             initargs=(model, multi_label, threads)) as pool:
-        results = pool.map(_run, chunks, [conf] * len(chunks), [iou] * len(chunks))
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_run, model, multi_label, part, conf, iou) for _, model, part in chunks]
+        results = (f.result() for f in futures)  # in submission order: each job's chunks stay in order
         if progress:
             from tqdm import tqdm
 
             results = tqdm(results, total=len(chunks), desc="evaluate", unit="chunk", file=sys.stderr)
-        for part in results:
-            out.extend(part)
-    if len(out) != len(samples):  # pragma: no cover - pool.map keeps every chunk
-        raise RuntimeError(f"{len(out)} results for {len(samples)} frames")
+        for (j, _, _), part in zip(chunks, results, strict=True):
+            out[j].extend(part)
+    for (_, samples), dets in zip(jobs, out, strict=True):
+        if len(dets) != len(samples):  # pragma: no cover - every chunk comes back
+            raise RuntimeError(f"{len(dets)} results for {len(samples)} frames")
     return out
 
 
@@ -121,18 +147,30 @@ class DetectionCache:
         key = hashlib.sha256(f"{sha256_file(model)}|{dataset_key}|{split}|{conf!r}|{iou!r}".encode()).hexdigest()
         return self.root / f"{key[:32]}.npz"
 
+    def lookup(self, model: Path, dataset_key: str, split: str, conf: float, iou: float) -> list[Detections] | None:
+        """The stored detections, or None (none stored, or a file that does not read back)."""
+        p = self.path(model, dataset_key, split, conf, iou)
+        if not p.is_file():
+            return None
+        try:
+            return _load(p)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("detection cache %s unreadable (%s): predicting again", p, e)
+            return None
+
+    def put(self, model: Path, dataset_key: str, split: str, conf: float, iou: float,
+            dets: Sequence[Detections]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path(model, dataset_key, split, conf, iou), _dump(dets))
+
     def get(self, model: Path, dataset_key: str, split: str, conf: float, iou: float,
             compute: Callable[[], list[Detections]]) -> tuple[list[Detections], bool]:
         """``(detections, hit)``."""
-        p = self.path(model, dataset_key, split, conf, iou)
-        if p.is_file():
-            try:
-                return _load(p), True
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("detection cache %s unreadable (%s): predicting again", p, e)
+        dets = self.lookup(model, dataset_key, split, conf, iou)
+        if dets is not None:
+            return dets, True
         dets = compute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(p, _dump(dets))
+        self.put(model, dataset_key, split, conf, iou, dets)
         return dets, False
 
 

@@ -21,7 +21,7 @@ from models.bundle import Manifest, load_bundle, write_bundle
 from models.dataset_io import load_dataset
 from models.evaluate import evaluate_predictions
 from models.metrics import choose_operating_threshold
-from models.parallel_predict import predict_samples
+from models.parallel_predict import predict_many
 from models.quantize import DEFAULT_CALIBRATION_IMAGES
 
 __all__ = ["release_bundle"]
@@ -58,8 +58,10 @@ def release_bundle(
         bundle = load_bundle(stage, roles=(*ROLES, "checkpoint"))
         dataset = load_dataset(Path(dataset_dir))
         val = dataset.split("val")
-        dets = {role: predict_samples(bundle.path(role), val, multi_label=True,  # as mAP is usually computed
-                                         workers=workers, progress=progress) for role in ROLES}
+        # both models over one pool of workers; multi-label as mAP is usually computed
+        passes = predict_many([(bundle.path(role), val) for role in ROLES], multi_label=True, workers=workers,
+                              progress=progress)
+        dets = dict(zip(ROLES, passes, strict=True))
         parts = [s.parts for s in val]
         operating = choose_operating_threshold(parts, dets["onnx_int8"], target_far=target_far)
         metrics: dict[str, Any] = {"split": "val", "n_images": len(val), "target_far": target_far}

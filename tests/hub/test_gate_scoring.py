@@ -63,17 +63,23 @@ def _unsplit(tmp: Path) -> Path:
     return tmp / "1.3.0"
 
 
-def test_golden_detections_cached_for_both_models(golden: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_passes(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Each predict_many call's models (one list per pool of workers)."""
     import models.parallel_predict as pp
 
-    calls: list[str] = []
-    real = pp.predict_samples
+    calls: list[list[str]] = []
+    real = pp.predict_many
 
-    def counting(model: Any, samples: Any, **kw: Any) -> Any:
-        calls.append(str(model))
-        return real(model, samples, **kw)
+    def counting(jobs: Any, **kw: Any) -> Any:
+        calls.append([str(m) for m, _ in jobs])
+        return real(jobs, **kw)
 
-    monkeypatch.setattr(pp, "predict_samples", counting)
+    monkeypatch.setattr(pp, "predict_many", counting)
+    return calls
+
+
+def test_golden_detections_cached_for_both_models(golden: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_passes(monkeypatch)
     cand = load_bundle(DEFAULT, roles=("onnx_int8",))
     prod_dir = tmp_path / "prod"
     shutil.copytree(DEFAULT, prod_dir)
@@ -90,6 +96,30 @@ def test_golden_detections_cached_for_both_models(golden: Any, tmp_path: Path, m
     assert len(calls) == 2
     scorer.pair(golden, None, cand, prod)  # no key (the reviewed data): predicted every time
     assert len(calls) == 4
+
+
+def test_score_all_runs_every_pass_in_one_pool(golden: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_passes(monkeypatch)
+    cand = load_bundle(DEFAULT, roles=("onnx_int8",))
+    scorer = GateScorer(tmp_path / "cache", workers=2)
+    cold = scorer.score_all(golden, "golden-fp", cand, cand, reviewed=golden)
+    # golden: candidate and production (same file, both missed the cache), split parts; reviewed: both
+    assert len(calls) == 1 and len(calls[0]) == 5
+    assert "SplitModel" in calls[0][2]
+    assert cold.split is not None and cold.new is not None
+    # the same figures as the one-pass-at-a-time calls
+    ref = GateScorer(tmp_path / "other-cache", workers=1)
+    assert cold.golden[0].report.map50 == pytest.approx(ref.pair(golden, None, cand, cand)[0].report.map50, abs=1e-9)
+    assert cold.split.report.map50 == pytest.approx(ref.split(golden, cand).report.map50, abs=1e-9)  # type: ignore[union-attr]
+    assert cold.new[1].report.map50 == cold.golden[1].report.map50
+    calls.clear()
+    warm = scorer.score_all(golden, "golden-fp", cand, cand)  # golden read back: only the split parts run
+    assert len(calls) == 1 and len(calls[0]) == 1 and "SplitModel" in calls[0][0]
+    assert warm.new is None and warm.golden[0].report.map50 == cold.golden[0].report.map50
+    unsplit = load_bundle(_unsplit(tmp_path), roles=("onnx_int8",))
+    calls.clear()
+    assert scorer.score_all(golden, "golden-fp", unsplit, cand).split is None
+    assert calls == []  # the same model bytes: all read back, nothing to run
 
 
 def test_split_parts_scored_as_they_run(golden: Any, tmp_path: Path) -> None:

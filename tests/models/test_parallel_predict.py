@@ -10,7 +10,7 @@ import pytest
 from models.bundle import load_bundle
 from models.dataset_io import Sample
 from models.detections import Detections
-from models.parallel_predict import DetectionCache, default_workers, predict_samples
+from models.parallel_predict import DetectionCache, default_workers, predict_many, predict_samples
 
 MODEL = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default", roles=("onnx_int8",)).path("onnx_int8")
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "sample_data"
@@ -49,6 +49,22 @@ def test_two_workers_match_one_process(tmp_path: Path) -> None:
     two = predict_samples(MODEL, samples, conf=0.001, workers=2)
     assert sum(len(d) for d in one) > 0  # the check below compares something
     _same(one, two)
+
+
+@pytest.mark.slow
+def test_many_jobs_in_one_pool_match_one_at_a_time(tmp_path: Path) -> None:
+    from models.parallel_predict import SplitModel
+
+    b = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default", roles=("split_edge_int8", "split_hub"))
+    split = SplitModel(b.path("split_edge_int8"), b.path("split_hub"), tuple(b.manifest.input_size))  # type: ignore[arg-type]
+    samples = _samples(tmp_path, 20)
+    jobs = [(MODEL, samples), (split, samples[:7]), (MODEL, samples[5:9])]  # chunks of unequal jobs interleave
+    many = predict_many(jobs, conf=0.001, workers=2)
+    assert [len(d) for d in many] == [20, 7, 4]
+    for (model, part), got in zip(jobs, many, strict=True):
+        _same(got, predict_samples(model, part, conf=0.001, workers=1))
+    _same(many[2], many[0][5:9])
+    assert predict_many([], workers=2) == []
 
 
 def test_cache_hit_and_unreadable_file(tmp_path: Path) -> None:
