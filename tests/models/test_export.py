@@ -198,3 +198,39 @@ def test_preprocess_failure_is_logged_not_fatal(built, tmp_path: Path, monkeypat
     assert rep.preprocessed is False and "shape inference exploded" in rep.warnings[-1]
     assert "quant_pre_process failed" in caplog.text
     assert "/model.22/dfl/Softmax" in rep.excluded_nodes and out.stat().st_size > 0
+
+
+def _qdq_params(path: Path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer
+            if i.name.endswith(("_scale", "_zero_point"))}
+
+
+@pytest.mark.parametrize(("method", "batches_of"), [("minmax", 4), ("percentile", 1)])
+def test_calibration_batching_keeps_the_ranges(built, tmp_path: Path, monkeypatch, method: str,
+                                                batches_of: int) -> None:
+    """MinMax calibrates several frames per run (7 frames: batches of 4 and 3) and gets the ranges one
+    frame per run gets; the histogram methods stay at one frame per run (they stack every run's arrays)."""
+    runs: list[int] = []
+    real = q.calibration_batches
+
+    def counting(paths, imgsz, batch=q.CALIBRATION_BATCH):
+        for x in real(paths, imgsz, batch):
+            runs.append(len(x))
+            yield x
+
+    monkeypatch.setattr(q, "calibration_batches", counting)
+    fp32 = built["dir"] / "model_fp32.onnx"
+    params = {}
+    for batch in (1, 4):
+        monkeypatch.setattr(q, "CALIBRATION_BATCH", batch)
+        runs.clear()
+        q.quantize_int8(fp32, tmp_path / f"b{batch}.onnx", built["ds"], n_images=7, calibration_method=method)
+        assert runs and sum(runs) % 7 == 0 and max(runs) == (batch if method == "minmax" else 1)
+        params[batch] = _qdq_params(tmp_path / f"b{batch}.onnx")
+    assert max(runs) == batches_of
+    assert params[1].keys() == params[4].keys() and len(params[1]) > 20
+    for k, v in params[1].items():
+        np.testing.assert_allclose(params[4][k], v, rtol=1e-5, err_msg=k)
