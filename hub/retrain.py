@@ -71,6 +71,7 @@ class RetrainJob:
         self.work, self.settings, self.sessions, self.blobs = Path(work), settings, sessions, blobs
         self.on_step = on_step
         self.state = JobState.read(self.work / "state.json")
+        self._prep: Any = None  # models.split_rebuild.BottleneckPrep, from the train step to the release step
 
     @classmethod
     def create(cls, root: Path, settings: RetrainSettings, sessions: sessionmaker[Session], blobs: BlobStore, *,
@@ -118,6 +119,10 @@ class RetrainJob:
             except Exception as e:
                 st.status, st.error = "failed", f"{st.step}: {type(e).__name__}: {e}"
                 log.exception("retrain %s failed at %s", st.job_id, st.step)
+            finally:
+                if self._prep is not None:  # a step failed between starting it and the release
+                    self._prep.cancel()
+                    self._prep = None
             st.finished_at = now()
             self._save()
             return st
@@ -187,6 +192,8 @@ class RetrainJob:
         snap = self._snapshot()
         runs = self.work / "runs"
         preset = PRESETS[self._preset_name()]
+        # the split bottleneck's process loads and warms up while training runs; it gets the checkpoint after
+        self._prep = self._start_bottleneck_prep(snap, None)
         last = runs / preset.name / "weights" / "last.pt"
         if last.exists():
             log.info("retrain %s: resuming training from %s", self.state.job_id, last)
@@ -203,6 +210,8 @@ class RetrainJob:
                            weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
                            device=self.settings.device, workers=self.settings.workers)
         atomic_write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
+        if self._prep is not None:
+            self._prep.submit(result.checkpoint)
 
     def _step_release(self) -> None:
         from hub.registry import list_versions
@@ -213,7 +222,7 @@ class RetrainJob:
             version = next_version([m.version for m in list_versions(s)])
         ckpt = Path(json.loads((self.work / "train.json").read_text())["checkpoint"])
         out = Path(self.settings.bundles_dir) / version
-        prep = self._start_bottleneck_prep(snap, ckpt)
+        prep, self._prep = self._prep or self._start_bottleneck_prep(snap, ckpt), None  # resumed here: start it now
         try:
             release_bundle(ckpt, self.work / "train_data", out, version=version,
                            parent_version=snap["production_version"],
@@ -228,10 +237,11 @@ class RetrainJob:
                                 "redo it", self.state.job_id, prep.exitcode)
         self.state.candidate_version = version
 
-    def _start_bottleneck_prep(self, snap: dict[str, Any], ckpt: Path) -> Any:
+    def _start_bottleneck_prep(self, snap: dict[str, Any], ckpt: Path | None) -> Any:
         """On a GPU hub, the split step's bottleneck work (a GPU fine-tuning when training changed the
-        device part's layers) runs beside the release's CPU work; None on a CPU hub or when
-        production has no split parts."""
+        device part's layers) runs in a process started with training (``ckpt`` None: it loads and
+        warms up, then waits for the checkpoint) or at the release (resumed there), beside the
+        release's CPU work; None on a CPU hub or when production has no split parts."""
         if not self._on_gpu():
             return None
         from models.split_rebuild import start_prepare_bottleneck

@@ -19,16 +19,18 @@ manifest's ``split.metrics.hub_tuning`` says which, and the gate scores the spli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from multiprocessing import get_context
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from models.bundle import Bundle, Manifest, load_bundle
 
-__all__ = ["SplitRebuildError", "layers_changed", "prepare_bottleneck", "prepared_bottleneck", "production_bottleneck",
-           "rebuild_split_parts", "start_prepare_bottleneck"]
+__all__ = ["BottleneckPrep", "SplitRebuildError", "layers_changed", "prepare_bottleneck", "prepared_bottleneck",
+           "production_bottleneck", "rebuild_split_parts", "start_prepare_bottleneck"]
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,15 @@ def _device(device: str | None) -> str:
 
 
 def prepare_bottleneck(production: Path, candidate_checkpoint: Path, *, calib_data: Path, work: Path,
-                       retune_steps: int = 0, retune_images: int = 400, device: str | None = None) -> dict[str, Any]:
+                       retune_steps: int = 0, retune_images: int = 400, device: str | None = None,
+                       frames: tuple[Any, list[Any]] | None = None) -> dict[str, Any]:
     """The candidate's bottleneck in ``work/split_bottleneck.pt``: production's, as it is when the
     candidate's layers up to the cut are production's, else fine-tuned for ``retune_steps`` steps on
     up to ``retune_images`` frames of ``calib_data``'s train split (``retune_steps`` 0:
     :class:`SplitRebuildError`). ``work/bottleneck.json`` (written last) holds the metrics and the
     checkpoint's SHA-256, so that :func:`rebuild_split_parts` reuses a bottleneck prepared earlier
     (the retraining job prepares it on the GPU while the CPU builds the release) for that checkpoint
-    only."""
+    only. ``frames``: :func:`models.split_train.load_letterboxed`'s result, when the caller loaded them."""
     import torch
 
     from models.bundle import sha256_file
@@ -107,7 +110,7 @@ def prepare_bottleneck(production: Path, candidate_checkpoint: Path, *, calib_da
 
         prod_bn, info = load_bottleneck(prod.path("split_bottleneck"))
         imgsz = (int(info["imgsz"][0]), int(info["imgsz"][1]))
-        images, labels = load_letterboxed(calib_data, "train", imgsz, limit=retune_images)
+        images, labels = frames or load_letterboxed(calib_data, "train", imgsz, limit=retune_images)
         dev = _device(device)
         log.info("split bottleneck: %d tensors of layers 0..%d changed: fine-tuning %s's bottleneck, %d steps "
                  "on %d frames (%s)", len(changed), cut, prod.manifest.version, retune_steps, len(images), dev)
@@ -161,29 +164,109 @@ def production_bottleneck(prod: Bundle) -> Path | None:
     return prod.dir / entry.path
 
 
-def _prepare_in_child(production: Path, candidate_checkpoint: Path, **kw: Any) -> None:
+class BottleneckPrep:
+    """:func:`prepare_bottleneck` in a spawned process (its own CUDA context, nothing shared with the
+    caller's torch), started before the candidate's checkpoint exists: the process imports torch,
+    loads production's bottleneck and the frames and warms the GPU up (a few fine-tuning steps of
+    production itself: the first steps of a fresh process cost about 9 s more on an H100) while
+    the caller trains; :meth:`submit` hands it the checkpoint. A process whose caller goes away
+    before that (the pipe closes) exits without work."""
+
+    def __init__(self, proc: BaseProcess, conn: Connection) -> None:
+        self.proc, self._conn = proc, conn
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.exitcode
+
+    def submit(self, candidate_checkpoint: Path) -> None:
+        self._conn.send(str(candidate_checkpoint))
+
+    def cancel(self) -> None:
+        """No checkpoint is coming (training failed): the process exits."""
+        with contextlib.suppress(OSError):  # the process may be gone already
+            self._conn.send(None)
+        self.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.join(10)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.proc.join(timeout)
+
+
+def _prepare_in_child(production: Path, conn: Connection, *, calib_data: Path, retune_images: int = 400,
+                      device: str | None = None, **kw: Any) -> None:
     """The child's work is on the GPU: two CPU threads for torch and OpenCV leave the cores to the
-    release's INT8 calibration and scoring running beside it (with torch's default of one thread per
-    core the release took 50-64 s instead of 32 on a 16-core H100 host, 2026-11-24)."""
+    training and the release's INT8 calibration and scoring running beside it (with torch's default
+    of one thread per core the release took 50-64 s instead of 32 on a 16-core H100 host, 2026-11-24)."""
     import cv2
     import torch
 
     torch.set_num_threads(2)
     cv2.setNumThreads(2)
-    prepare_bottleneck(production, candidate_checkpoint, **kw)
+    frames = _preload(production, calib_data, retune_images, device)
+    try:
+        msg = conn.recv()
+    except EOFError:
+        return  # the caller went away
+    if msg is None:
+        return
+    prepare_bottleneck(production, Path(msg), calib_data=calib_data, retune_images=retune_images, device=device,
+                       frames=frames, **kw)
 
 
-def start_prepare_bottleneck(production: Path, candidate_checkpoint: Path, **kw: Any) -> BaseProcess | None:
-    """:func:`prepare_bottleneck` in a spawned process (its own CUDA context, nothing shared with the
-    caller's torch), started and returned; None when ``production`` has no split parts or its
-    bottleneck file is not there (there is nothing to prepare)."""
+def _preload(production: Path, calib_data: Path, retune_images: int, device: str | None) -> tuple[Any, list[Any]]:
+    """Production's frames for the fine-tuning, and the GPU warmed up with 2 steps on production's model."""
+    import time
+
+    from models.offline import configure_offline, patch_ultralytics
+
+    configure_offline()
+    from ultralytics import YOLO
+
+    from models.split_train import load_bottleneck, load_letterboxed, train_bottleneck
+
+    patch_ultralytics()
+    t0 = time.perf_counter()
+    prod = load_bundle(production, roles=("checkpoint", "split_bottleneck"))
+    bn, info = load_bottleneck(prod.path("split_bottleneck"))
+    imgsz = (int(info["imgsz"][0]), int(info["imgsz"][1]))
+    images, labels = load_letterboxed(calib_data, "train", imgsz, limit=retune_images)
+    dev = _device(device)
+    if dev.startswith("cuda"):
+        n = min(16, len(images))
+        train_bottleneck(YOLO(str(prod.path("checkpoint")), task="detect").model, images[:n], labels[:n],
+                         cut=int(info["cut"]), width=int(info["width"]), bits=int(info["bits"]),
+                         stride=int(info["stride"]), hidden=info.get("hidden"), steps1=0, steps2=2, batch=n,
+                         device=dev, progress=False, kd=float(info.get("kd", 0.0)), init=bn,
+                         tune_hub=float(info.get("tune_hub", 0.0)))
+    log.info("split bottleneck: %d frames loaded%s in %.1f s, waiting for the checkpoint", len(images),
+             ", GPU warmed up" if dev.startswith("cuda") else "", time.perf_counter() - t0)
+    return images, labels
+
+
+def start_prepare_bottleneck(production: Path, candidate_checkpoint: Path | None = None,
+                             **kw: Any) -> BottleneckPrep | None:
+    """A :class:`BottleneckPrep` started (and given ``candidate_checkpoint`` when it is already
+    there); None when ``production`` has no split parts or its bottleneck file is not there (there
+    is nothing to prepare)."""
     if production_bottleneck(load_bundle(production, roles=())) is None:
         return None
-    proc = get_context("spawn").Process(target=_prepare_in_child, name="split-bottleneck",
-                                        args=(production, candidate_checkpoint), kwargs=kw)
+    ctx = get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_prepare_in_child, name="split-bottleneck", args=(production, child), kwargs=kw)
     proc.start()
+    child.close()
+    prep = BottleneckPrep(proc, parent)
+    if candidate_checkpoint is not None:
+        prep.submit(candidate_checkpoint)
     log.info("split bottleneck: prepared in process %s beside the caller", proc.pid)
-    return proc
+    return prep
 
 
 def rebuild_split_parts(production: Path, candidate: Path, *, calib_data: Path, work: Path, retune_steps: int = 0,

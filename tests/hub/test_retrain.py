@@ -103,7 +103,21 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     seen: list[str] = []
     job = RetrainJob.create(root, settings(GateRule(min_new_data_gain=1.0)), hub_store.sessions, hub_store.blobs,
                             on_step=lambda st: seen.append(st.step or ""))
-    st = job.run()
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    validations: list[int] = []
+    real_call = DetectionValidator.__call__
+
+    def counting(self: Any, *a: Any, **k: Any) -> Any:
+        validations.append(1)
+        return real_call(self, *a, **k)
+
+    DetectionValidator.__call__ = counting  # type: ignore[method-assign]
+    try:
+        st = job.run()
+    finally:
+        DetectionValidator.__call__ = real_call  # type: ignore[method-assign]
+    assert len(validations) == 1  # the last epoch's; the preset skips Ultralytics' final re-validation
     assert st.status == "rejected" and st.gate_passed is False and st.steps_done == list(STEPS), st
     assert st.candidate_version == "1.1.0" and st.production_version == "1.0.0"
     assert "does not beat production" in st.gate_reasons[0]
@@ -116,6 +130,9 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
         assert len(info.data_snapshot) == 13  # the reviewed samples, not the unreviewed one
     trained = Path(json.loads((job.work / "train.json").read_text())["checkpoint"])
     assert trained.is_file() and trained.parent.parent.parent == job.work / "runs"  # trained here, from 1.0.0
+    import torch
+
+    assert torch.load(trained, map_location="cpu", weights_only=False)["optimizer"] is None  # stripped all the same
     data = json.loads((job.work / "dataset.json").read_text())
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
     assert (job.work / "start.pt").is_file()  # the class head was widened before training

@@ -143,13 +143,35 @@ def test_prepared_in_a_spawned_process(tmp_path: Path) -> None:
 
     _candidate(tmp_path, layer=2)
     ckpt = tmp_path / "ckpt.pt"
-    proc = start_prepare_bottleneck(PRODUCTION, ckpt, calib_data=_calib(tmp_path), work=tmp_path / "w",
+    prep = start_prepare_bottleneck(PRODUCTION, ckpt, calib_data=_calib(tmp_path), work=tmp_path / "w",
                                     retune_steps=2, device="cpu")
-    assert proc is not None
-    proc.join(300)
-    assert proc.exitcode == 0
+    assert prep is not None
+    prep.join(300)
+    assert prep.exitcode == 0
     metrics = prepared_bottleneck(tmp_path / "w", ckpt)
     assert metrics is not None and metrics["bottleneck_retuned"]["steps"] == 2
     (tmp_path / "u").mkdir()
     unsplit = _candidate(tmp_path / "u", layer=15)  # a bundle without split parts: nothing to prepare
     assert start_prepare_bottleneck(unsplit, ckpt, calib_data=tmp_path / "calib", work=tmp_path / "w2") is None
+
+
+def test_started_before_the_checkpoint_exists(tmp_path: Path) -> None:
+    """The retraining job starts the process with training: it loads while the checkpoint is made,
+    then works on the one it is handed; cancelled (training failed), it exits without work."""
+    from models.split_rebuild import prepared_bottleneck, start_prepare_bottleneck
+
+    calib = _calib(tmp_path)
+    prep = start_prepare_bottleneck(PRODUCTION, None, calib_data=calib, work=tmp_path / "w", retune_steps=2,
+                                    device="cpu")
+    assert prep is not None
+    _candidate(tmp_path, layer=2)  # "training" ends after the process started
+    ckpt = tmp_path / "ckpt.pt"
+    prep.submit(ckpt)
+    prep.join(300)
+    assert prep.exitcode == 0
+    assert prepared_bottleneck(tmp_path / "w", ckpt) is not None
+    idle = start_prepare_bottleneck(PRODUCTION, None, calib_data=calib, work=tmp_path / "w2", retune_steps=2,
+                                    device="cpu")
+    assert idle is not None
+    idle.cancel()
+    assert idle.exitcode == 0 and not (tmp_path / "w2" / "bottleneck.json").exists()
