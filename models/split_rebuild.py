@@ -183,8 +183,16 @@ class BottleneckPrep:
     def exitcode(self) -> int | None:
         return self.proc.exitcode
 
-    def submit(self, candidate_checkpoint: Path) -> None:
-        self._conn.send(str(candidate_checkpoint))
+    def submit(self, candidate_checkpoint: Path) -> bool:
+        """Hand the process the checkpoint; False (logged) when it is gone: the caller's split step
+        then does the work itself (:func:`rebuild_split_parts` finds nothing prepared)."""
+        try:
+            self._conn.send(str(candidate_checkpoint))
+        except OSError as e:
+            log.warning("split bottleneck: process %s is gone (%s, exit code %s): the split step will prepare "
+                        "the bottleneck itself", self.proc.pid, e, self.proc.exitcode)
+            return False
+        return True
 
     def cancel(self) -> None:
         """No checkpoint is coming (training failed): the process exits."""
@@ -240,7 +248,10 @@ def _preload(production: Path, calib_data: Path, retune_images: int, device: str
     dev = _device(device)
     if dev.startswith("cuda"):
         n = min(16, len(images))
-        train_bottleneck(YOLO(str(prod.path("checkpoint")), task="detect").model, images[:n], labels[:n],
+        model = YOLO(str(prod.path("checkpoint")), task="detect").model
+        nc = len(prod.manifest.classes)  # a class reviewers added is not in production's head
+        known = [lab[lab[:, 0] < nc] for lab in labels[:n]]
+        train_bottleneck(model, images[:n], known,
                          cut=int(info["cut"]), width=int(info["width"]), bits=int(info["bits"]),
                          stride=int(info["stride"]), hidden=info.get("hidden"), steps1=0, steps2=2, batch=n,
                          device=dev, progress=False, kd=float(info.get("kd", 0.0)), init=bn,

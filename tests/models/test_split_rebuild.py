@@ -175,3 +175,19 @@ def test_started_before_the_checkpoint_exists(tmp_path: Path) -> None:
     assert idle is not None
     idle.cancel()
     assert idle.exitcode == 0 and not (tmp_path / "w2" / "bottleneck.json").exists()
+
+
+def test_a_dead_process_does_not_fail_the_caller(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process that died while loading (here: no frames) refuses nothing: ``submit`` says False and
+    logs it, and the split step prepares the bottleneck itself."""
+    from models.split_rebuild import start_prepare_bottleneck
+
+    prep = start_prepare_bottleneck(PRODUCTION, None, calib_data=tmp_path / "missing", work=tmp_path / "w",
+                                    retune_steps=2, device="cpu")
+    assert prep is not None
+    prep.join(300)
+    assert prep.exitcode not in (0, None)
+    with caplog.at_level("WARNING", logger="models.split_rebuild"):
+        assert prep.submit(tmp_path / "ckpt.pt") is False
+    assert "the split step will prepare the bottleneck itself" in caplog.text
+    prep.cancel()  # nothing left to stop: no error either
