@@ -387,6 +387,13 @@ def quantize_int8(
         if float_branch_convs:  # also keep the last Conv of each Detect branch in float
             excluded += list(tail.branch_convs)
         cache = str(calibration_cache) if calibration_cache else None
+        if calibration_method == "minmax" and not (cache and Path(cache).is_file()):
+            # ONNX Runtime's MinMax reduces every tensor in the graph, one thread each: reduce in threads
+            from models.calibration import minmax_ranges
+
+            cache = cache or str(Path(tmp) / "minmax_ranges.json")
+            feeds = ({input_name: b} for b in calibration_batches(paths, imgsz, CALIBRATION_BATCH))
+            minmax_ranges(pre, feeds, Path(cache), op_types=op_types)
         if calibration_method == "entropy" and not (cache and Path(cache).is_file()):
             # quantize_static cannot pass num_bins to the entropy calibrator and its default
             # (128 bins for 128 quantized bins) leaves one candidate threshold: the full range,

@@ -54,8 +54,9 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
     import tempfile
 
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
+    from models.calibration import minmax_ranges
     from models.quantize import (
         DEFAULT_ACTIVATION_TYPE,
         DEFAULT_REDUCE_RANGE,
@@ -87,9 +88,14 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
         pre = _preprocess(hub_fp32, Path(tmp) / "pre.onnx", notes)
         tail = find_head_tail(pre)
         tmp_out = out.with_name(out.name + ".tmp")
-        quantize_static(str(pre), str(tmp_out), _Codes(), quant_format=QuantFormat.QDQ, per_channel=True,
+        ranges = Path(tmp) / "minmax_ranges.json"
+        reader = _Codes()
+        minmax_ranges(pre, iter(reader.get_next, None), ranges)  # MinMax, reduced in threads (models/calibration.py)
+        reader.rewind()
+        quantize_static(str(pre), str(tmp_out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=DEFAULT_REDUCE_RANGE, activation_type=_qtype(DEFAULT_ACTIVATION_TYPE),
-                        weight_type=_qtype(DEFAULT_WEIGHT_TYPE), nodes_to_exclude=list(tail.nodes))
+                        weight_type=_qtype(DEFAULT_WEIGHT_TYPE), nodes_to_exclude=list(tail.nodes),
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges)
         tmp_out.replace(out)
     return {"method": "static", "format": "QDQ", "per_channel": True, "calibration_images": len(calib_paths),
             "excluded_nodes": len(tail.nodes), "seconds": round(time.perf_counter() - t0, 2), "notes": notes}

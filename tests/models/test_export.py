@@ -208,11 +208,11 @@ def _qdq_params(path: Path) -> dict[str, np.ndarray]:
             if i.name.endswith(("_scale", "_zero_point"))}
 
 
-@pytest.mark.parametrize(("method", "batches_of"), [("minmax", 4), ("percentile", 1)])
-def test_calibration_batching_keeps_the_ranges(built, tmp_path: Path, monkeypatch, method: str,
-                                                batches_of: int) -> None:
-    """MinMax calibrates several frames per run (7 frames: batches of 4 and 3) and gets the ranges one
-    frame per run gets; the histogram methods stay at one frame per run (they stack every run's arrays)."""
+def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monkeypatch) -> None:
+    """models.calibration (8 frames per run here 4, reduced in threads) gives the QDQ parameters ONNX
+    Runtime's own MinMaxCalibrater gives one frame per run (7 frames: batches of 4 and 3)."""
+    import models.calibration as cal
+
     runs: list[int] = []
     real = q.calibration_batches
 
@@ -223,14 +223,33 @@ def test_calibration_batching_keeps_the_ranges(built, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(q, "calibration_batches", counting)
     fp32 = built["dir"] / "model_fp32.onnx"
-    params = {}
-    for batch in (1, 4):
-        monkeypatch.setattr(q, "CALIBRATION_BATCH", batch)
-        runs.clear()
-        q.quantize_int8(fp32, tmp_path / f"b{batch}.onnx", built["ds"], n_images=7, calibration_method=method)
-        assert runs and sum(runs) % 7 == 0 and max(runs) == (batch if method == "minmax" else 1)
-        params[batch] = _qdq_params(tmp_path / f"b{batch}.onnx")
-    assert max(runs) == batches_of
-    assert params[1].keys() == params[4].keys() and len(params[1]) > 20
-    for k, v in params[1].items():
-        np.testing.assert_allclose(params[4][k], v, rtol=1e-5, err_msg=k)
+    monkeypatch.setattr(q, "CALIBRATION_BATCH", 4)
+    q.quantize_int8(fp32, tmp_path / "ours.onnx", built["ds"], n_images=7)
+    assert runs == [4, 3]  # ours only: quantize_static read the ranges instead of calibrating again
+    ours = _qdq_params(tmp_path / "ours.onnx")
+    monkeypatch.setattr(cal, "minmax_ranges", lambda *a, **k: 0)  # no ranges: ONNX Runtime calibrates
+    monkeypatch.setattr(q, "CALIBRATION_BATCH", 1)
+    runs.clear()
+    q.quantize_int8(fp32, tmp_path / "ort.onnx", built["ds"], n_images=7)
+    assert runs == [1] * 7
+    theirs = _qdq_params(tmp_path / "ort.onnx")
+    assert ours.keys() == theirs.keys() and len(ours) > 20
+    for k, v in theirs.items():
+        np.testing.assert_allclose(ours[k], v, rtol=1e-5, err_msg=k)
+
+
+def test_histogram_calibration_one_frame_per_run(built, tmp_path: Path, monkeypatch) -> None:
+    """The histogram methods stack every run's arrays: they get one frame per run whatever the batch."""
+    runs: list[int] = []
+    real = q.calibration_batches
+
+    def counting(paths, imgsz, batch=q.CALIBRATION_BATCH):
+        for x in real(paths, imgsz, batch):
+            runs.append(len(x))
+            yield x
+
+    monkeypatch.setattr(q, "calibration_batches", counting)
+    rep = q.quantize_int8(built["dir"] / "model_fp32.onnx", tmp_path / "p.onnx", built["ds"], n_images=5,
+                          calibration_method="percentile")
+    assert runs and set(runs) == {1} and sum(runs) % 5 == 0
+    assert rep.calibration_method == "percentile" and (tmp_path / "p.onnx").stat().st_size > 0
