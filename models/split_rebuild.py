@@ -176,10 +176,6 @@ class BottleneckPrep:
         self.proc, self._conn = proc, conn
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid
-
-    @property
     def exitcode(self) -> int | None:
         return self.proc.exitcode
 

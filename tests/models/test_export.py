@@ -208,11 +208,9 @@ def _qdq_params(path: Path) -> dict[str, np.ndarray]:
             if i.name.endswith(("_scale", "_zero_point"))}
 
 
-def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monkeypatch) -> None:
-    """models.calibration (8 frames per run here 4, reduced in threads) gives the QDQ parameters ONNX
-    Runtime's own MinMaxCalibrater gives one frame per run (7 frames: batches of 4 and 3)."""
-    import models.calibration as cal
-
+@pytest.fixture()
+def calibration_runs(monkeypatch) -> list[int]:
+    """The number of frames of each calibration run (quantize's batches, counted as they are read)."""
     runs: list[int] = []
     real = q.calibration_batches
 
@@ -222,34 +220,33 @@ def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monke
             yield x
 
     monkeypatch.setattr(q, "calibration_batches", counting)
+    return runs
+
+
+def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monkeypatch, calibration_runs) -> None:
+    """models.calibration (8 frames per run here 4, reduced in threads) gives the QDQ parameters ONNX
+    Runtime's own MinMaxCalibrater gives one frame per run (7 frames: batches of 4 and 3)."""
+    import models.calibration as cal
+
     fp32 = built["dir"] / "model_fp32.onnx"
     monkeypatch.setattr(q, "CALIBRATION_BATCH", 4)
     q.quantize_int8(fp32, tmp_path / "ours.onnx", built["ds"], n_images=7)
-    assert runs == [4, 3]  # ours only: quantize_static read the ranges instead of calibrating again
+    assert calibration_runs == [4, 3]  # ours only: quantize_static read the ranges instead of calibrating again
     ours = _qdq_params(tmp_path / "ours.onnx")
     monkeypatch.setattr(cal, "minmax_ranges", lambda *a, **k: 0)  # no ranges: ONNX Runtime calibrates
     monkeypatch.setattr(q, "CALIBRATION_BATCH", 1)
-    runs.clear()
+    calibration_runs.clear()
     q.quantize_int8(fp32, tmp_path / "ort.onnx", built["ds"], n_images=7)
-    assert runs == [1] * 7
+    assert calibration_runs == [1] * 7
     theirs = _qdq_params(tmp_path / "ort.onnx")
     assert ours.keys() == theirs.keys() and len(ours) > 20
     for k, v in theirs.items():
         np.testing.assert_allclose(ours[k], v, rtol=1e-5, err_msg=k)
 
 
-def test_histogram_calibration_one_frame_per_run(built, tmp_path: Path, monkeypatch) -> None:
+def test_histogram_calibration_one_frame_per_run(built, tmp_path: Path, calibration_runs) -> None:
     """The histogram methods stack every run's arrays: they get one frame per run whatever the batch."""
-    runs: list[int] = []
-    real = q.calibration_batches
-
-    def counting(paths, imgsz, batch=q.CALIBRATION_BATCH):
-        for x in real(paths, imgsz, batch):
-            runs.append(len(x))
-            yield x
-
-    monkeypatch.setattr(q, "calibration_batches", counting)
     rep = q.quantize_int8(built["dir"] / "model_fp32.onnx", tmp_path / "p.onnx", built["ds"], n_images=5,
                           calibration_method="percentile")
-    assert runs and set(runs) == {1} and sum(runs) % 5 == 0
+    assert calibration_runs and set(calibration_runs) == {1} and sum(calibration_runs) % 5 == 0
     assert rep.calibration_method == "percentile" and (tmp_path / "p.onnx").stat().st_size > 0
