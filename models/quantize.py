@@ -387,10 +387,10 @@ def quantize_int8(
         if float_branch_convs:  # also keep the last Conv of each Detect branch in float
             excluded += list(tail.branch_convs)
         cache = str(calibration_cache) if calibration_cache else None
-        if calibration_method == "minmax" and not (cache and Path(cache).is_file()):
-            # ONNX Runtime's MinMax reduces every tensor in the graph, one thread each: reduce in threads
-            from models.calibration import minmax_ranges
+        from models.calibration import minmax_ranges, use_threaded_minmax
 
+        if calibration_method == "minmax" and use_threaded_minmax() and not (cache and Path(cache).is_file()):
+            # ONNX Runtime's MinMax reduces every tensor in the graph, one thread each: reduce in threads
             cache = cache or str(Path(tmp) / "minmax_ranges.json")
             feeds = ({input_name: b} for b in calibration_batches(paths, imgsz, CALIBRATION_BATCH))
             minmax_ranges(pre, feeds, Path(cache), op_types=op_types)

@@ -56,7 +56,7 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
-    from models.calibration import minmax_ranges
+    from models.calibration import minmax_ranges, use_threaded_minmax
     from models.quantize import (
         DEFAULT_ACTIVATION_TYPE,
         DEFAULT_REDUCE_RANGE,
@@ -88,10 +88,11 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
         pre = _preprocess(hub_fp32, Path(tmp) / "pre.onnx", notes)
         tail = find_head_tail(pre)
         tmp_out = out.with_name(out.name + ".tmp")
-        ranges = Path(tmp) / "minmax_ranges.json"
-        reader = _Codes()
-        minmax_ranges(pre, iter(reader.get_next, None), ranges)  # MinMax, reduced in threads (models/calibration.py)
-        reader.rewind()
+        reader, ranges = _Codes(), None
+        if use_threaded_minmax():  # MinMax reduced in threads (models/calibration.py), read back by quantize_static
+            ranges = Path(tmp) / "minmax_ranges.json"
+            minmax_ranges(pre, iter(reader.get_next, None), ranges)
+            reader.rewind()
         quantize_static(str(pre), str(tmp_out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=DEFAULT_REDUCE_RANGE, activation_type=_qtype(DEFAULT_ACTIVATION_TYPE),
                         weight_type=_qtype(DEFAULT_WEIGHT_TYPE), nodes_to_exclude=list(tail.nodes),

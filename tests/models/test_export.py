@@ -230,10 +230,11 @@ def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monke
 
     fp32 = built["dir"] / "model_fp32.onnx"
     monkeypatch.setattr(q, "CALIBRATION_BATCH", 4)
+    monkeypatch.setattr(cal, "MIN_CPUS", 1)  # ours on any host (the build machine has 2 cores)
     q.quantize_int8(fp32, tmp_path / "ours.onnx", built["ds"], n_images=7)
     assert calibration_runs == [4, 3]  # ours only: quantize_static read the ranges instead of calibrating again
     ours = _qdq_params(tmp_path / "ours.onnx")
-    monkeypatch.setattr(cal, "minmax_ranges", lambda *a, **k: 0)  # no ranges: ONNX Runtime calibrates
+    monkeypatch.setattr(cal, "MIN_CPUS", 1 << 30)  # ONNX Runtime calibrates
     monkeypatch.setattr(q, "CALIBRATION_BATCH", 1)
     calibration_runs.clear()
     q.quantize_int8(fp32, tmp_path / "ort.onnx", built["ds"], n_images=7)
@@ -242,6 +243,13 @@ def test_minmax_ranges_match_onnxruntime_calibrator(built, tmp_path: Path, monke
     assert ours.keys() == theirs.keys() and len(ours) > 20
     for k, v in theirs.items():
         np.testing.assert_allclose(ours[k], v, rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize(("cpus", "threaded"), [(1, False), (2, False), (7, False), (8, True), (64, True)])
+def test_threaded_minmax_from_8_cores(cpus: int, threaded: bool) -> None:
+    from models.calibration import use_threaded_minmax
+
+    assert use_threaded_minmax(cpus) is threaded
 
 
 def test_histogram_calibration_one_frame_per_run(built, tmp_path: Path, calibration_runs) -> None:
