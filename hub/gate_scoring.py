@@ -47,16 +47,17 @@ class GateScorer:
     """``pair(dataset, key, candidate, production)`` and ``split(dataset, candidate)``; bundles
     loaded with their ``onnx_int8`` (and, for ``split``, :data:`SPLIT_ROLES`) verified."""
 
-    def __init__(self, cache_dir: Path, *, workers: int | None = None, iou: float = 0.5) -> None:
+    def __init__(self, cache_dir: Path, *, workers: int | None = None, iou: float = 0.5, pool: Any = None) -> None:
+        """``pool``: a :class:`models.parallel_predict.ScoringPool` to predict with (else one per call)."""
         from models.parallel_predict import DetectionCache
 
-        self.cache, self.workers, self.iou = DetectionCache(cache_dir), workers, iou
+        self.cache, self.workers, self.iou, self.pool = DetectionCache(cache_dir), workers, iou, pool
 
     def _predict(self, jobs: list[tuple[Any, YoloDataset]]) -> list[list[Detections]]:
         from models.parallel_predict import predict_many
 
         return predict_many([(model, ds.split("val")) for model, ds in jobs], conf=_CONF, iou=_NMS_IOU,
-                            workers=self.workers)
+                            workers=self.workers, pool=self.pool)
 
     def _score(self, dataset: YoloDataset, b: Bundle, dets: list[Detections]) -> Scored:
         dets = map_classes(dets, list(b.manifest.classes), list(dataset.names))

@@ -34,7 +34,7 @@ class RetrainSettings:
     epochs: int | None = None
     hours: float | None = None
     device: str | None = None
-    workers: int = 2
+    workers: int | None = None  # data loader workers; None: by cores (RetrainJob.loader_workers)
     val_share: float = 0.2
     min_reviewed: int = 1
     score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores

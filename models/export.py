@@ -16,6 +16,7 @@ needs (onnx, onnxslim, onnxruntime) are checked up front so a missing one is a c
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -122,8 +123,10 @@ def checkpoint_info(checkpoint: str | Path) -> dict[str, Any]:
     for k in ("epoch", "best_fitness", "date", "version"):
         if ckpt.get(k) is not None:
             training["ultralytics_version" if k == "version" else k] = ckpt[k]
-    if ckpt.get("train_metrics"):
-        training["train_metrics"] = {k: float(v) for k, v in ckpt["train_metrics"].items()}
+    metrics = {k: float(v) for k, v in (ckpt.get("train_metrics") or {}).items()
+               if v is not None and math.isfinite(float(v))}
+    if metrics:  # a training without validation has none (NaN, fitness None)
+        training["train_metrics"] = metrics
     return {
         "classes": classes,
         "imgsz": args.get("imgsz"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -101,7 +102,8 @@ def _check_amp_offline(model: Any) -> bool:
 
 
 def _read_results_csv(self: Any) -> dict[str, list[float]]:
-    """Read results.csv into {column: values} without polars (same shape as Ultralytics')."""
+    """Read results.csv into {column: values} without polars (same shape as Ultralytics'); a
+    missing value (a row shorter than the header) reads as NaN."""
     path = Path(self.csv)
     if not path.exists():
         return {}
@@ -110,5 +112,5 @@ def _read_results_csv(self: Any) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for row in rows:
         for key, value in row.items():
-            out.setdefault(key, []).append(float(value))
+            out.setdefault(key, []).append(float(value) if value not in (None, "") else math.nan)
     return out

@@ -13,6 +13,11 @@ release's two, the gate's three to five) then share one spawn and no core idles 
 :class:`DetectionCache` keeps a model's detections on a dataset (keyed by the model file's
 SHA-256, the dataset's fingerprint and the prediction settings): production's figures on the
 golden set do not change between weekly jobs, so the gate predicts them once.
+
+:class:`ScoringPool` keeps one pool of workers over several calls (a retraining job's release and
+gate): the workers are spawned once, while the caller does other work (they start loading ONNX
+Runtime when the pool opens), and a worker keeps its sessions: the candidate the release scored
+is not loaded again for the gate.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from models.dataset_io import Sample
 from models.detections import Detections
 from models.fsutil import atomic_write_bytes
 
-__all__ = ["DetectionCache", "ModelRef", "SplitModel", "default_workers", "predict_many", "predict_samples"]
+__all__ = ["DetectionCache", "ModelRef", "ScoringPool", "SplitModel", "default_workers", "predict_many",
+           "predict_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ def _predictor(model: ModelRef, multi_label: bool, threads: int | None) -> Any:
     return OnnxPredictor(model, multi_label=multi_label, intra_op_threads=threads)
 
 
-_predictors: dict[tuple[ModelRef, bool], Any] = {}  # a worker's sessions, by model
+_predictors: dict[tuple[Any, ...], Any] = {}  # a worker's sessions, by model file (path, size, mtime)
 _threads: int | None = None  # a worker's ONNX Runtime threads
 
 
@@ -80,9 +86,49 @@ def _init(threads: int) -> None:
     _threads = threads
 
 
+def _warm() -> int:
+    """A worker's first task in a :class:`ScoringPool`: load what every pass needs."""
+    import models.onnx_predict  # noqa: F401  (onnxruntime, OpenCV)
+
+    return os.getpid()
+
+
+class ScoringPool:
+    """``with ScoringPool(workers) as pool: predict_many(..., pool=pool)``: ``workers`` spawned
+    processes (at least 2; each with its share of the cores as ONNX Runtime threads), started and
+    warmed up at once; :meth:`close` (or leaving the ``with``) stops them."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = max(2, default_workers() if workers is None else int(workers))
+        self.threads = max(1, (os.cpu_count() or self.workers) // self.workers)
+        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            self.workers, mp_context=get_context("spawn"), initializer=_init, initargs=(self.threads,))
+        # one task per worker: the executor spawns a process for each task no idle worker takes
+        self._warming = [self._pool.submit(_warm) for _ in range(self.workers)]
+
+    @property
+    def executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            raise RuntimeError("the scoring pool is closed")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _run(model: ModelRef, multi_label: bool, samples: Sequence[Sample], conf: float, iou: float) -> list[Detections]:
     """One chunk in a worker; the worker keeps one session per model it has been given."""
-    key = (model, multi_label)
+    files = (model.edge, model.hub) if isinstance(model, SplitModel) else (model,)
+    # a pool outlives a call: a file written again at the same path is another model
+    key = (model, multi_label, *((st.st_size, st.st_mtime_ns) for st in map(os.stat, files)))
     predict = _predictors.get(key)
     if predict is None:
         predict = _predictors[key] = _predictor(model, multi_label, _threads)
@@ -101,13 +147,16 @@ def predict_samples(model: ModelRef, samples: Sequence[Sample], *, conf: float =
 
 
 def predict_many(jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], *, conf: float = 0.001, iou: float = 0.7,
-                 multi_label: bool = True, workers: int | None = None,
+                 multi_label: bool = True, workers: int | None = None, pool: ScoringPool | None = None,
                  progress: bool = False) -> list[list[Detections]]:
     """:func:`predict_samples` for several (model, samples) jobs over **one** pool of workers: the
     chunks of every job are queued together, so the cores stay busy to the end of the last job and
-    the workers are spawned once (each loads a model when it first gets one of its chunks). Returns
-    one list per job, in order."""
+    the workers are spawned once (each loads a model when it first gets one of its chunks). With
+    ``pool`` (``workers`` is then the pool's), its workers do it and stay for the next call.
+    Returns one list per job, in order."""
     total = sum(len(samples) for _, samples in jobs)
+    if pool is not None:
+        return _predict_chunks(pool.executor, jobs, conf, iou, multi_label, progress)
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, -(-total // _CHUNK)))
     if workers == 1:
@@ -116,19 +165,24 @@ def predict_many(jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], *, conf: flo
         return [predict_split(_predictor(model, multi_label, None), samples, conf=conf, iou=iou, progress=progress)
                 for model, samples in jobs]
     threads = max(1, (os.cpu_count() or workers) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
+                             initargs=(threads,)) as executor:
+        return _predict_chunks(executor, jobs, conf, iou, multi_label, progress)
+
+
+def _predict_chunks(executor: ProcessPoolExecutor, jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], conf: float,
+                    iou: float, multi_label: bool, progress: bool) -> list[list[Detections]]:
     chunks = [(j, model, list(samples[i : i + _CHUNK]))
               for j, (model, samples) in enumerate(jobs) for i in range(0, len(samples), _CHUNK)]
     out: list[list[Detections]] = [[] for _ in jobs]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(_run, model, multi_label, part, conf, iou) for _, model, part in chunks]
-        results = (f.result() for f in futures)  # in submission order: each job's chunks stay in order
-        if progress:
-            from tqdm import tqdm
+    futures = [executor.submit(_run, model, multi_label, part, conf, iou) for _, model, part in chunks]
+    results = (f.result() for f in futures)  # in submission order: each job's chunks stay in order
+    if progress:
+        from tqdm import tqdm
 
-            results = tqdm(results, total=len(chunks), desc="evaluate", unit="chunk", file=sys.stderr)
-        for (j, _, _), part in zip(chunks, results, strict=True):
-            out[j].extend(part)
+        results = tqdm(results, total=len(chunks), desc="evaluate", unit="chunk", file=sys.stderr)
+    for (j, _, _), part in zip(chunks, results, strict=True):
+        out[j].extend(part)
     for (_, samples), dets in zip(jobs, out, strict=True):
         if len(dets) != len(samples):  # pragma: no cover - every chunk comes back
             raise RuntimeError(f"{len(dets)} results for {len(samples)} frames")

@@ -21,7 +21,7 @@ from models.bundle import Manifest, load_bundle, write_bundle
 from models.dataset_io import load_dataset
 from models.evaluate import evaluate_predictions
 from models.metrics import choose_operating_threshold
-from models.parallel_predict import predict_many
+from models.parallel_predict import ScoringPool, predict_many
 from models.quantize import DEFAULT_CALIBRATION_IMAGES
 
 __all__ = ["release_bundle"]
@@ -43,7 +43,10 @@ def release_bundle(
     progress: bool = True,
     workers: int | None = None,
     calib_images: int = DEFAULT_CALIBRATION_IMAGES,
+    pool: ScoringPool | None = None,
 ) -> Manifest:
+    """``pool``: the workers to score the validation split with (default: a pool of ``workers``
+    for this call)."""
     from models.export import build_bundle  # torch / ultralytics: the train extra
 
     out_dir = Path(out_dir)
@@ -60,7 +63,7 @@ def release_bundle(
         val = dataset.split("val")
         # both models over one pool of workers; multi-label as mAP is usually computed
         passes = predict_many([(bundle.path(role), val) for role in ROLES], multi_label=True, workers=workers,
-                              progress=progress)
+                              pool=pool, progress=progress)
         dets = dict(zip(ROLES, passes, strict=True))
         parts = [s.parts for s in val]
         operating = choose_operating_threshold(parts, dets["onnx_int8"], target_far=target_far)

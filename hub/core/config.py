@@ -83,7 +83,8 @@ class HubRetrainConfig(BaseModel):
     epochs: int | None = Field(None, ge=1, description="override the preset's epochs")
     hours: float | None = Field(None, gt=0, description="cap the training's wall time")
     device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?|\d+)$", description="default: Ultralytics' choice")
-    workers: int = Field(2, ge=0, description="data loader workers")
+    workers: int | None = Field(None, ge=0, description="data loader workers; default: a core each up to 8 on a GPU "
+                                                         "hub (the loader feeds the GPU), 2 on a CPU hub")
     score_workers: int | None = Field(None, ge=1, description="processes scoring the candidate (release, gate); "
                                                              "default: 1 below 4 cores, else half the cores (<= 8)")
     calib_images: int = Field(100, ge=8, description="INT8 calibration frames")

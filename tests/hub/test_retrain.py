@@ -96,7 +96,8 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
 
     def settings(rule: GateRule) -> RetrainSettings:
         return RetrainSettings(golden=golden, bundles_dir=tmp_path / "bundles", signing_key=priv, replay_data=replay,
-                               replay_images=8, preset="retrain-ci", workers=0, rule=rule, val_share=0.5)
+                               replay_images=8, preset="retrain-ci", workers=0, rule=rule, val_share=0.5,
+                               epochs=2)  # 2: an epoch logged before the last one (no validation in either)
 
     root = tmp_path / "jobs"
     # 1. an impossible rule: the candidate is built, scored, registered as rejected, never signed
@@ -117,7 +118,7 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
         st = job.run()
     finally:
         DetectionValidator.__call__ = real_call  # type: ignore[method-assign]
-    assert len(validations) == 1  # the last epoch's; the preset skips Ultralytics' final re-validation
+    assert validations == []  # the preset skips every validation of Ultralytics: the release step scores val
     assert st.status == "rejected" and st.gate_passed is False and st.steps_done == list(STEPS), st
     assert st.candidate_version == "1.1.0" and st.production_version == "1.0.0"
     assert "does not beat production" in st.gate_reasons[0]
@@ -133,6 +134,8 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     import torch
 
     assert torch.load(trained, map_location="cpu", weights_only=False)["optimizer"] is None  # stripped all the same
+    results = (trained.parent.parent / "results.csv").read_text().splitlines()
+    assert len(results) == 3 and "nan" in results[2] and "nan" not in results[1]  # the last epoch: not measured
     data = json.loads((job.work / "dataset.json").read_text())
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
     assert (job.work / "start.pt").is_file()  # the class head was widened before training
@@ -167,6 +170,18 @@ def test_one_job_at_a_time(tmp_path: Path) -> None:
         pass
     with job_lock(tmp_path / ".lock"):  # released
         pass
+
+
+@pytest.mark.parametrize(("configured", "gpu", "cpus", "expected"), [
+    (None, True, 16, 8), (None, True, 64, 8), (None, True, 6, 6), (None, False, 16, 2), (None, False, 2, 2),
+    (4, True, 16, 4), (0, False, 2, 0)])
+def test_loader_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: int | None, gpu: bool,
+                        cpus: int, expected: int) -> None:
+    job = RetrainJob.create(tmp_path, RetrainSettings(golden=tmp_path, bundles_dir=tmp_path, signing_key=None,
+                                                      workers=configured), None, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(job, "_on_gpu", lambda: gpu)
+    assert job.loader_workers() == expected
 
 
 @pytest.mark.parametrize(("versions", "expected"), [([], "1.0.0"), (["1.0.0"], "1.1.0"),

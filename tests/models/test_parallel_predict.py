@@ -10,7 +10,7 @@ import pytest
 from models.bundle import load_bundle
 from models.dataset_io import Sample
 from models.detections import Detections
-from models.parallel_predict import DetectionCache, default_workers, predict_many, predict_samples
+from models.parallel_predict import DetectionCache, ScoringPool, default_workers, predict_many, predict_samples
 
 MODEL = load_bundle(Path(__file__).resolve().parents[2] / "models" / "default", roles=("onnx_int8",)).path("onnx_int8")
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "sample_data"
@@ -65,6 +65,36 @@ def test_many_jobs_in_one_pool_match_one_at_a_time(tmp_path: Path) -> None:
         _same(got, predict_samples(model, part, conf=0.001, workers=1))
     _same(many[2], many[0][5:9])
     assert predict_many([], workers=2) == []
+
+
+@pytest.mark.slow
+def test_a_pool_serves_several_calls_and_sees_a_model_file_written_again(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    fp32 = load_bundle(MODEL.parent, roles=("onnx_fp32",)).path("onnx_fp32")
+    samples = _samples(tmp_path, 20)
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(fp32, model)
+    with ScoringPool(2) as pool:
+        first = predict_many([(model, samples)], conf=0.001, pool=pool)[0]
+        shutil.copyfile(MODEL, tmp_path / "next.onnx")
+        os.replace(tmp_path / "next.onnx", model)  # next week's model at the same path
+        second = predict_many([(model, samples), (MODEL, samples[:3])], conf=0.001, pool=pool)
+    _same(first, predict_samples(fp32, samples, conf=0.001, workers=1))
+    _same(second[0], predict_samples(MODEL, samples, conf=0.001, workers=1))  # not the FP32 session kept
+    _same(second[1], second[0][:3])
+    assert not _equal(first, second[0])  # the two models differ: the check above could fail
+    with pytest.raises(RuntimeError, match="closed"):
+        predict_many([(model, samples)], pool=pool)
+
+
+def _equal(a: list[Detections], b: list[Detections]) -> bool:
+    try:
+        _same(a, b)
+    except AssertionError:
+        return False
+    return True
 
 
 def test_cache_hit_and_unreadable_file(tmp_path: Path) -> None:
