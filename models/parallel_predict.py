@@ -86,11 +86,9 @@ def _init(threads: int) -> None:
     _threads = threads
 
 
-def _warm() -> int:
+def _warm() -> None:
     """A worker's first task in a :class:`ScoringPool`: load what every pass needs."""
     import models.onnx_predict  # noqa: F401  (onnxruntime, OpenCV)
-
-    return os.getpid()
 
 
 class ScoringPool:
@@ -104,7 +102,8 @@ class ScoringPool:
         self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
             self.workers, mp_context=get_context("spawn"), initializer=_init, initargs=(self.threads,))
         # one task per worker: the executor spawns a process for each task no idle worker takes
-        self._warming = [self._pool.submit(_warm) for _ in range(self.workers)]
+        for _ in range(self.workers):
+            self._pool.submit(_warm)
 
     @property
     def executor(self) -> ProcessPoolExecutor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -208,9 +207,7 @@ def _prepare_in_child(production: Path, conn: Connection, *, calib_data: Path, r
                       device: str | None = None, **kw: Any) -> None:
     """The child's work is on the GPU: two CPU threads for torch and OpenCV leave the cores to the
     training and the release's INT8 calibration and scoring running beside it (with torch's default
-    of one thread per core the release took 50-64 s instead of 32 on a 16-core H100 host, 2026-11-24).
-    cuBLAS's workspace is set for deterministic fine-tuning before anything touches the GPU."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    of one thread per core the release took 50-64 s instead of 32 on a 16-core H100 host, 2026-11-24)."""
     import cv2
     import torch
 

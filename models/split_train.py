@@ -116,9 +116,10 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
 @contextlib.contextmanager
 def deterministic_torch(seed: int = 0) -> Iterator[None]:
     """PyTorch's deterministic algorithms, cuDNN's deterministic convolutions and a seeded RNG inside
-    the block; the process's previous settings after it. ``CUBLAS_WORKSPACE_CONFIG`` (which cuBLAS
-    reads when a process first uses it) is set if it is not: a process that will fine-tune on a GPU
-    sets it before anything else touches the GPU (:func:`models.split_rebuild._prepare_in_child`)."""
+    the block; the process's previous settings (and CPU random stream) after it.
+    ``CUBLAS_WORKSPACE_CONFIG`` is set if it is not: cuBLAS reads it when a process first uses it,
+    which for the bottleneck's process (:func:`models.split_rebuild._prepare_in_child`) is inside
+    this block."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -138,7 +139,6 @@ def _train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], 
                       stride: int, steps1: int, steps2: int, batch: int, lr: float, device: str, progress: bool,
                       seconds: float | None, tune_hub: float, crop: int | None, hidden: int | None, kd: float,
                       init: Bottleneck | None) -> tuple[Bottleneck, dict[str, Any]]:
-
     dev = torch.device(device)
     det = detection_model(model).float().to(dev).eval()
     for p in det.parameters():
