@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import yaml  # noqa: E402
 from _common import emit_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -156,17 +157,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_ingest = time.perf_counter() - t0
 
     preset = args.preset
-    if args.freeze is not None or args.lr0 is not None or args.train_seed is not None:  # a variant, this run only
+    variant = _preset_variant(args)
+    if variant:  # a variant, this run only
         from dataclasses import replace as _replace
 
         from models.train import PRESETS
 
         base = PRESETS[args.preset]
-        over = {**base.overrides, **({"freeze": args.freeze} if args.freeze is not None else {}),
-                **({"lr0": args.lr0} if args.lr0 is not None else {}),
-                **({"seed": args.train_seed} if args.train_seed is not None else {})}
+        batch = variant.pop("batch", base.batch)
         preset = f"{args.preset}-bench"
-        PRESETS[preset] = _replace(base, name=preset, overrides=over)
+        PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=Path(args.replay or args.golden).resolve(), replay_images=args.replay_images,
@@ -192,6 +192,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["retrain"]["export_s"] = (cand.manifest.training or {}).get("export_seconds")
     res["retrain"]["warm_detection_cache_s"] = warmup_s
     return res
+
+
+def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:
+    """The training arguments this run changes from the preset: ``--freeze``, ``--lr0``,
+    ``--train-seed`` and each ``--set key=value`` (the value read as YAML: ``batch=32``, ``cos_lr=true``)."""
+    over: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        over[key.strip()] = yaml.safe_load(value)
+    for key, value in (("freeze", args.freeze), ("lr0", args.lr0), ("seed", args.train_seed)):
+        if value is not None:
+            over[key] = value
+    return over
 
 
 def _warm_detection_cache(settings: RetrainSettings, prod: Any) -> float:
@@ -232,7 +247,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
-                    "epochs": args.epochs,
+                    "set": args.set, "epochs": args.epochs,
                     "hours": args.hours, "device": args.device,
                     "replay_images": args.replay_images, "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
@@ -276,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")
     p.add_argument("--lr0", type=float, default=None, help="override the preset's learning rate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another training argument for this run (e.g. batch=32; repeatable)")
     p.add_argument("--train-seed", type=int, default=None, help="Ultralytics' seed (default 0): run-to-run spread")
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")

@@ -52,6 +52,7 @@ class GateScorer:
         from models.parallel_predict import DetectionCache
 
         self.cache, self.workers, self.iou, self.pool = DetectionCache(cache_dir), workers, iou, pool
+        self._prefetched: dict[tuple[Any, ...], tuple[list[str], Any]] = {}  # key -> (tags, PendingPredictions)
 
     def _predict(self, jobs: list[tuple[Any, YoloDataset]]) -> list[list[Detections]]:
         from models.parallel_predict import predict_many
@@ -67,34 +68,82 @@ class GateScorer:
                   reviewed: YoloDataset | None = None) -> GateScores:
         """Every pass the gate needs over **one** pool of workers: both models on the golden set
         (each read from the detection cache when it is there, else predicted and cached), the
-        candidate's split parts on the golden set, and both models on the reviewed data."""
-        cand_split = self._split_bundle(cand)
-        jobs: list[tuple[str, Any, YoloDataset]] = []
+        candidate's split parts on the golden set, and both models on the reviewed data. Passes
+        :meth:`prefetch` queued for the same models and data are taken up, not run again."""
         got: dict[str, list[Detections]] = {}
-        for b, who in ((cand, "candidate"), (prod, "production")):
-            hit = self.cache.lookup(b.path("onnx_int8"), golden_key, "val", _CONF, _NMS_IOU)
-            log.info("gate: %s %s on the golden set %s", who, b.manifest.version,
-                     "from the detection cache" if hit is not None else "to predict (then cached)")
-            if hit is None:
-                jobs.append((f"golden {who}", b.path("onnx_int8"), golden))
-            else:
-                got[f"golden {who}"] = hit
+        whole = self._whole_model_jobs(golden, golden_key, cand, prod, reviewed, got)
+        pending = self._prefetched.pop(self._prefetch_key(golden_key, cand, prod, reviewed), None)
+        jobs: list[tuple[str, Any, YoloDataset]] = []
+        if pending is not None and pending[0] == [tag for tag, _, _ in whole]:
+            log.info("gate: %d whole-model passes were queued early (%s)", len(whole), ", ".join(pending[0]))
+            for (tag, model, _), dets in zip(whole, pending[1].result(), strict=True):
+                self._keep(got, tag, model, golden_key, dets)
+        else:
+            jobs += whole
+        for tags, _ in self._prefetched.values():  # queued for other bytes or data: their results are not used
+            log.warning("gate: passes queued early (%s) were for other models or data; running them here",
+                        ", ".join(tags))
+        self._prefetched.clear()
+        cand_split = self._split_bundle(cand)
         if cand_split is not None:
             jobs.append(("golden split", self._split_model(cand_split), golden))
-        if reviewed is not None:
-            jobs += [("new candidate", cand.path("onnx_int8"), reviewed),
-                     ("new production", prod.path("onnx_int8"), reviewed)]
         preds = self._predict([(m, ds) for _, m, ds in jobs]) if jobs else []
         for (tag, model, _), dets in zip(jobs, preds, strict=True):
-            got[tag] = dets
-            if tag.startswith("golden ") and tag != "golden split":
-                self.cache.put(model, golden_key, "val", _CONF, _NMS_IOU, dets)
+            self._keep(got, tag, model, golden_key, dets)
         golden_pair = (self._score(golden, cand, got["golden candidate"]),
                        self._score(golden, prod, got["golden production"]))
         split = self._score(golden, cand, got["golden split"]) if cand_split is not None else None
         new = ((self._score(reviewed, cand, got["new candidate"]), self._score(reviewed, prod, got["new production"]))
                if reviewed is not None else None)
         return GateScores(golden_pair, split, new)
+
+    def prefetch(self, golden: YoloDataset, golden_key: str, cand: Bundle, prod: Bundle,
+                 reviewed: YoloDataset | None = None) -> int:
+        """Queue :meth:`score_all`'s passes that need only the two whole INT8 models (the golden
+        set unless cached, the reviewed data) on the pool now, so they run while the job does other
+        work (a split candidate's parts are rebuilt after the release); :meth:`score_all` with
+        the same models and data collects them. Returns the passes queued (none without a pool)."""
+        from models.parallel_predict import predict_many_later
+
+        if self.pool is None:
+            return 0
+        whole = self._whole_model_jobs(golden, golden_key, cand, prod, reviewed, {}, quiet=True)
+        if whole:
+            pending = predict_many_later([(m, ds.split("val")) for _, m, ds in whole], pool=self.pool,
+                                         conf=_CONF, iou=_NMS_IOU)
+            self._prefetched[self._prefetch_key(golden_key, cand, prod, reviewed)] = (
+                [tag for tag, _, _ in whole], pending)
+        return len(whole)
+
+    def _whole_model_jobs(self, golden: YoloDataset, golden_key: str, cand: Bundle, prod: Bundle,
+                          reviewed: YoloDataset | None, got: dict[str, list[Detections]],
+                          quiet: bool = False) -> list[tuple[str, Path, YoloDataset]]:
+        """The whole models' passes still to run, tagged; golden-set detections in the cache go to ``got``."""
+        jobs: list[tuple[str, Path, YoloDataset]] = []
+        for b, who in ((cand, "candidate"), (prod, "production")):
+            hit = self.cache.lookup(b.path("onnx_int8"), golden_key, "val", _CONF, _NMS_IOU)
+            if not quiet:
+                log.info("gate: %s %s on the golden set %s", who, b.manifest.version,
+                         "from the detection cache" if hit is not None else "to predict (then cached)")
+            if hit is None:
+                jobs.append((f"golden {who}", b.path("onnx_int8"), golden))
+            else:
+                got[f"golden {who}"] = hit
+        if reviewed is not None:
+            jobs += [("new candidate", cand.path("onnx_int8"), reviewed),
+                     ("new production", prod.path("onnx_int8"), reviewed)]
+        return jobs
+
+    @staticmethod
+    def _prefetch_key(golden_key: str, cand: Bundle, prod: Bundle, reviewed: YoloDataset | None) -> tuple[Any, ...]:
+        return (golden_key, cand.manifest.files["onnx_int8"].sha256, prod.manifest.files["onnx_int8"].sha256,
+                None if reviewed is None else str(reviewed.root))
+
+    def _keep(self, got: dict[str, list[Detections]], tag: str, model: Any, golden_key: str,
+              dets: list[Detections]) -> None:
+        got[tag] = dets
+        if tag in ("golden candidate", "golden production"):
+            self.cache.put(model, golden_key, "val", _CONF, _NMS_IOU, dets)
 
     def pair(self, dataset: YoloDataset, dataset_key: str | None, cand: Bundle, prod: Bundle) -> tuple[Scored, Scored]:
         """Candidate and production on ``dataset``'s val split, each at its own operating threshold.

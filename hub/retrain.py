@@ -53,7 +53,7 @@ from hub.gate import decide, fingerprint, write_report
 from hub.retrain_data import copy_split, dataset_names
 from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
 from hub.tables import Sample
-from models.fsutil import atomic_write_json
+from models.fsutil import atomic_write_json, link_or_copy
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "job_lock",
            "next_version"]
@@ -73,6 +73,7 @@ class RetrainJob:
         self.state = JobState.read(self.work / "state.json")
         self._prep: Any = None  # models.split_rebuild.BottleneckPrep, from the train step to the release step
         self._pool: Any = None  # models.parallel_predict.ScoringPool, from the release step to the end of the run
+        self._scorer: Any = None  # hub.gate_scoring.GateScorer on that pool
 
     @classmethod
     def create(cls, root: Path, settings: RetrainSettings, sessions: sessionmaker[Session], blobs: BlobStore, *,
@@ -126,7 +127,7 @@ class RetrainJob:
                     self._prep = None
                 if self._pool is not None:
                     self._pool.close()
-                    self._pool = None
+                    self._pool, self._scorer = None, None
             st.finished_at = now()
             self._save()
             return st
@@ -233,6 +234,8 @@ class RetrainJob:
                            imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True,
                            progress=False, workers=self.settings.score_workers,
                            calib_images=self.settings.calib_images, pool=self._scoring_pool())
+            if prep is not None:  # fill the wait for the GPU fine-tuning with the gate's whole-model passes
+                self._prefetch_gate(out)
         finally:
             if prep is not None:
                 prep.join()
@@ -250,6 +253,38 @@ class RetrainJob:
         if self._pool is None and workers > 1:
             self._pool = ScoringPool(workers)
         return self._pool
+
+    def _gate_scorer(self) -> Any:
+        """The gate's scorer (on the job's scoring pool), kept from the release to the gate."""
+        from hub.gate_scoring import GateScorer
+
+        if self._scorer is None:
+            self._scorer = GateScorer(Path(self.settings.bundles_dir) / ".detections",
+                                      workers=self.settings.score_workers, iou=self.settings.rule.iou,
+                                      pool=self._scoring_pool())
+        return self._scorer
+
+    def _prefetch_gate(self, released: Path) -> None:
+        """Queue the gate's whole-model passes now, reading the candidate from a linked copy of the
+        release in the job's directory: the split step rewrites the bundle directory meanwhile."""
+        snap = self.work / "prefetch"
+        shutil.rmtree(snap, ignore_errors=True)
+        shutil.copytree(released, snap, copy_function=link_or_copy)
+        n = self._gate_scorer().prefetch(*self._gate_inputs(snap))
+        log.info("retrain %s: %d gate passes queued beside the split parts' rebuild", self.state.job_id, n)
+
+    def _gate_inputs(self, cand_dir: Path) -> tuple[Any, str, Any, Any, Any]:
+        """(golden set, its fingerprint, candidate, production, reviewed val data or None), bundles verified."""
+        from models.bundle import load_bundle
+        from models.dataset_io import load_dataset
+
+        cand = load_bundle(cand_dir, roles=("onnx_int8",))
+        prod = load_bundle(Path(self._snapshot()["production_bundle"]), roles=("onnx_int8",))
+        golden = load_dataset(Path(self.settings.golden), splits=["val"])
+        val_dir = self.work / "reviewed" / "images" / "val"
+        reviewed = (load_dataset(self.work / "reviewed", splits=["val"])
+                    if val_dir.is_dir() and any(val_dir.iterdir()) else None)
+        return golden, fingerprint(self.settings.golden), cand, prod, reviewed
 
     def _start_bottleneck_prep(self, snap: dict[str, Any], ckpt: Path | None) -> Any:
         """On a GPU hub, the split step's bottleneck work (a GPU fine-tuning when training changed the
@@ -313,22 +348,10 @@ class RetrainJob:
                             device=self.settings.device, checkpoint=ckpt)
 
     def _step_gate(self) -> None:
-        from hub.gate_scoring import GateScorer
-        from models.bundle import load_bundle
-        from models.dataset_io import load_dataset
-
-        snap = self._snapshot()
         assert self.state.candidate_version
         cand_dir = Path(self.settings.bundles_dir) / self.state.candidate_version
-        cand = load_bundle(cand_dir, roles=("onnx_int8",))
-        prod = load_bundle(Path(snap["production_bundle"]), roles=("onnx_int8",))
-        golden = load_dataset(Path(self.settings.golden), splits=["val"])
-        golden_fp = fingerprint(self.settings.golden)
-        scorer = GateScorer(Path(self.settings.bundles_dir) / ".detections", workers=self.settings.score_workers,
-                            iou=self.settings.rule.iou, pool=self._scoring_pool())
-        val_dir = self.work / "reviewed" / "images" / "val"
-        reviewed = (load_dataset(self.work / "reviewed", splits=["val"])
-                    if val_dir.is_dir() and any(val_dir.iterdir()) else None)
+        golden, golden_fp, cand, prod, reviewed = self._gate_inputs(cand_dir)
+        scorer = self._gate_scorer()
         g, g_split, new = scorer.score_all(golden, golden_fp, cand, prod, reviewed)
         new_c, new_p = new if new is not None else (None, None)
         result = decide(self.settings.rule, g[0], g[1], new_c, new_p, golden_split=g_split)
@@ -340,6 +363,7 @@ class RetrainJob:
                               production=prod.manifest.version, golden_fingerprint=golden_fp,
                               golden=g, new=new, rule=self.settings.rule, golden_split=g_split)
         shutil.copytree(self.work / "gate", cand_dir.parent / f"{cand_dir.name}.gate", dirs_exist_ok=True)
+        shutil.rmtree(self.work / "prefetch", ignore_errors=True)
         self.state.gate_passed, self.state.gate_reasons = result.passed, result.reasons
         log.info("retrain %s: gate %s for %s (%s)", self.state.job_id, "passed" if result.passed else "FAILED",
                  cand.manifest.version, report)

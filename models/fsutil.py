@@ -1,15 +1,17 @@
 """Atomic file writes (bundle manifests, the hub's job states and gate reports): a temp file in the
-same directory, fsync, rename over the target. A crash leaves the old file or the new one."""
+same directory, fsync, rename over the target. A crash leaves the old file or the new one. And
+:func:`link_or_copy`, for snapshots of files that are replaced, never edited, in place."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "link_or_copy"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -36,3 +38,12 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """``dst`` as a hard link to ``src`` where both are on one file system, else a copy (a
+    ``shutil.copytree`` ``copy_function``: a snapshot of files that are later replaced, not edited)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -57,7 +57,8 @@ def write_metadata(onnx_path: str | Path, meta: Mapping[str, str]) -> None:
     """Set ``lineguard.<key>`` props on the model at ``onnx_path`` (atomically: temp + replace).
 
     Keys may be given with or without the prefix. Existing ``lineguard.*`` props are replaced;
-    other props (e.g. Ultralytics' ``names``/``stride``) are kept.
+    other props (e.g. Ultralytics' ``names``/``stride``) are kept. A model that already has these
+    values is not written again.
     """
     import onnx
 
@@ -71,6 +72,8 @@ def write_metadata(onnx_path: str | Path, meta: Mapping[str, str]) -> None:
         model = onnx.load(str(onnx_path))
     except Exception as e:
         raise OnnxMetadataError(f"{onnx_path}: cannot load ONNX model ({e})") from e
+    if all(any(p.key == k and p.value == v for p in model.metadata_props) for k, v in values.items()):
+        return  # already so: the file keeps its bytes (its SHA-256, a detection cache's key, holds)
     kept = [(p.key, p.value) for p in model.metadata_props if p.key not in values]
     del model.metadata_props[:]
     for key, value in [*kept, *sorted(values.items())]:

@@ -40,8 +40,8 @@ from models.dataset_io import Sample
 from models.detections import Detections
 from models.fsutil import atomic_write_bytes
 
-__all__ = ["DetectionCache", "ModelRef", "ScoringPool", "SplitModel", "default_workers", "predict_many",
-           "predict_samples"]
+__all__ = ["DetectionCache", "ModelRef", "PendingPredictions", "ScoringPool", "SplitModel", "default_workers",
+           "predict_many", "predict_many_later", "predict_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -169,23 +169,43 @@ def predict_many(jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], *, conf: flo
         return _predict_chunks(executor, jobs, conf, iou, multi_label, progress)
 
 
+def predict_many_later(jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], *, pool: ScoringPool, conf: float = 0.001,
+                       iou: float = 0.7, multi_label: bool = True) -> PendingPredictions:
+    """:func:`predict_many` on ``pool`` without waiting: every chunk is queued now (behind what the
+    pool already has) and :meth:`PendingPredictions.result` collects them."""
+    return PendingPredictions(pool.executor, jobs, conf, iou, multi_label)
+
+
+class PendingPredictions:
+    """Scoring passes queued on a pool's workers; :meth:`result` waits for them and returns one list
+    of :class:`Detections` per job, in order."""
+
+    def __init__(self, executor: ProcessPoolExecutor, jobs: Sequence[tuple[ModelRef, Sequence[Sample]]],
+                 conf: float, iou: float, multi_label: bool) -> None:
+        self._sizes = [len(samples) for _, samples in jobs]
+        chunks = [(j, model, list(samples[i : i + _CHUNK]))
+                  for j, (model, samples) in enumerate(jobs) for i in range(0, len(samples), _CHUNK)]
+        self._owners = [j for j, _, _ in chunks]
+        self._futures = [executor.submit(_run, model, multi_label, part, conf, iou) for _, model, part in chunks]
+
+    def result(self, progress: bool = False) -> list[list[Detections]]:
+        results = (f.result() for f in self._futures)  # in submission order: each job's chunks stay in order
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(self._futures), desc="evaluate", unit="chunk", file=sys.stderr)
+        out: list[list[Detections]] = [[] for _ in self._sizes]
+        for j, part in zip(self._owners, results, strict=True):
+            out[j].extend(part)
+        for n, dets in zip(self._sizes, out, strict=True):
+            if len(dets) != n:  # pragma: no cover - every chunk comes back
+                raise RuntimeError(f"{len(dets)} results for {n} frames")
+        return out
+
+
 def _predict_chunks(executor: ProcessPoolExecutor, jobs: Sequence[tuple[ModelRef, Sequence[Sample]]], conf: float,
                     iou: float, multi_label: bool, progress: bool) -> list[list[Detections]]:
-    chunks = [(j, model, list(samples[i : i + _CHUNK]))
-              for j, (model, samples) in enumerate(jobs) for i in range(0, len(samples), _CHUNK)]
-    out: list[list[Detections]] = [[] for _ in jobs]
-    futures = [executor.submit(_run, model, multi_label, part, conf, iou) for _, model, part in chunks]
-    results = (f.result() for f in futures)  # in submission order: each job's chunks stay in order
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(chunks), desc="evaluate", unit="chunk", file=sys.stderr)
-    for (j, _, _), part in zip(chunks, results, strict=True):
-        out[j].extend(part)
-    for (_, samples), dets in zip(jobs, out, strict=True):
-        if len(dets) != len(samples):  # pragma: no cover - every chunk comes back
-            raise RuntimeError(f"{len(dets)} results for {len(samples)} frames")
-    return out
+    return PendingPredictions(executor, jobs, conf, iou, multi_label).result(progress)
 
 
 class DetectionCache:

@@ -87,32 +87,6 @@ def _crop_labels(lab: np.ndarray, imgsz: tuple[int, int], window: tuple[int, int
     return out[keep].astype(np.float32)
 
 
-def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *, cut: int, width: int, bits: int,
-                     stride: int = 2, steps1: int = 1500, steps2: int = 1500, batch: int = 16, lr: float = 2e-3,
-                     device: str = "cpu", progress: bool = True,
-                     seconds: float | None = None, tune_hub: float = 0.0,
-                     crop: int | None = None, hidden: int | None = None,
-                     kd: float = 0.0, init: Bottleneck | None = None) -> tuple[Bottleneck, dict[str, Any]]:
-    """Train a bottleneck at ``cut`` on ``images``/``labels`` (from :func:`load_letterboxed`).
-
-    ``tune_hub`` > 0 also trains the hub-side layers in stage 2 at ``lr * tune_hub`` (batch norm
-    statistics stay frozen); their weights are then part of the result (``info["hub_tuned"]``).
-    ``hidden`` widens the encoder and decoder (default: the crossing map's channels). ``kd`` > 0
-    adds output distillation at that weight: binary cross-entropy of the student's class logits
-    against the teacher's probabilities plus MSE of the box-distribution logits, per anchor.
-    With ``seconds``, the step counts are scaled (keeping their ratio) so that training takes
-    about that long, from the time of steps 5 to 25. ``init`` starts from a trained bottleneck's
-    weights (a retraining changed the layers before the cut: fine-tune, usually with ``steps1=0``).
-
-    Deterministic (:func:`deterministic_torch`): the same inputs give the same weights on a GPU too,
-    so that the gate's verdict on a candidate's split parts does not change from run to run (the
-    split check moved by 0.4 mAP50 points between two runs of one candidate before, 2026-11-24)."""
-    with deterministic_torch():
-        return _train_bottleneck(model, images, labels, cut=cut, width=width, bits=bits, stride=stride,
-                                 steps1=steps1, steps2=steps2, batch=batch, lr=lr, device=device, progress=progress,
-                                 seconds=seconds, tune_hub=tune_hub, crop=crop, hidden=hidden, kd=kd, init=init)
-
-
 @contextlib.contextmanager
 def deterministic_torch(seed: int = 0) -> Iterator[None]:
     """PyTorch's deterministic algorithms, cuDNN's deterministic convolutions and a seeded RNG inside
@@ -135,10 +109,27 @@ def deterministic_torch(seed: int = 0) -> Iterator[None]:
         torch.random.set_rng_state(rng)
 
 
-def _train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *, cut: int, width: int, bits: int,
-                      stride: int, steps1: int, steps2: int, batch: int, lr: float, device: str, progress: bool,
-                      seconds: float | None, tune_hub: float, crop: int | None, hidden: int | None, kd: float,
-                      init: Bottleneck | None) -> tuple[Bottleneck, dict[str, Any]]:
+@deterministic_torch()
+def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *, cut: int, width: int, bits: int,
+                     stride: int = 2, steps1: int = 1500, steps2: int = 1500, batch: int = 16, lr: float = 2e-3,
+                     device: str = "cpu", progress: bool = True,
+                     seconds: float | None = None, tune_hub: float = 0.0,
+                     crop: int | None = None, hidden: int | None = None,
+                     kd: float = 0.0, init: Bottleneck | None = None) -> tuple[Bottleneck, dict[str, Any]]:
+    """Train a bottleneck at ``cut`` on ``images``/``labels`` (from :func:`load_letterboxed`).
+
+    ``tune_hub`` > 0 also trains the hub-side layers in stage 2 at ``lr * tune_hub`` (batch norm
+    statistics stay frozen); their weights are then part of the result (``info["hub_tuned"]``).
+    ``hidden`` widens the encoder and decoder (default: the crossing map's channels). ``kd`` > 0
+    adds output distillation at that weight: binary cross-entropy of the student's class logits
+    against the teacher's probabilities plus MSE of the box-distribution logits, per anchor.
+    With ``seconds``, the step counts are scaled (keeping their ratio) so that training takes
+    about that long, from the time of steps 5 to 25. ``init`` starts from a trained bottleneck's
+    weights (a retraining changed the layers before the cut: fine-tune, usually with ``steps1=0``).
+
+    Deterministic (:func:`deterministic_torch`): the same inputs give the same weights on a GPU too,
+    so that the gate's verdict on a candidate's split parts does not change from run to run (the
+    split check moved by 0.4 mAP50 points between two runs of one candidate before, 2026-11-24)."""
     dev = torch.device(device)
     det = detection_model(model).float().to(dev).eval()
     for p in det.parameters():

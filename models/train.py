@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -167,12 +168,10 @@ def train(
             raise FileNotFoundError(f"cannot resume: {last} does not exist")
         # Any: ultralytics infers Model.trainer as None (it is set by train()).
         model: Any = YOLO(str(last))
-        if not cfg.validate:
-            model.add_callback("on_pretrain_routine_start", _without_validation)
-        results = model.train(resume=True)
+        args: dict[str, Any] = {"resume": True}
     else:
         model = YOLO(str(weights) if weights else cfg.model_cfg)
-        args: dict[str, Any] = {
+        args = {
             "data": str(Path(data_yaml).resolve()),
             "imgsz": cfg.imgsz,
             "epochs": cfg.epochs,
@@ -192,12 +191,13 @@ def train(
             args["device"] = device
         if hours is not None:
             args["time"] = hours
-        if not cfg.validate:
-            model.add_callback("on_pretrain_routine_start", _without_validation)
         if args.get("plots", True) and not _has_polars():
             log.warning("polars is not installed: training without Ultralytics' plots")
             args["plots"] = False
-        results = model.train(**args)
+    if not cfg.validate:
+        model.add_callback("on_pretrain_routine_start", _without_validation)
+    _log_times(model)
+    results = model.train(**args)
     save_dir = Path(model.trainer.save_dir)
     best = save_dir / "weights" / "best.pt"
     if not best.exists():  # training without validation keeps only last.pt
@@ -206,6 +206,32 @@ def train(
                if cfg.validate else {})
     log.info("trained %s -> %s %s", cfg.name, best, metrics)
     return TrainResult(checkpoint=best, run_dir=save_dir, preset=cfg, metrics=metrics)
+
+
+def _log_times(model: Any) -> None:
+    """Log where training's time goes: setting up (model, data, loaders), the first batch, each epoch."""
+    marks: dict[str, float] = {}
+
+    def start(trainer: Any) -> None:
+        marks["start"] = marks["epoch"] = time.perf_counter()
+
+    def train_start(trainer: Any) -> None:
+        log.info("training set up in %.1f s", time.perf_counter() - marks["start"])
+        marks["epoch"] = time.perf_counter()
+
+    def batch_end(trainer: Any) -> None:
+        if "first" not in marks:
+            marks["first"] = time.perf_counter()
+            log.info("first training batch done %.1f s after the start", marks["first"] - marks["start"])
+
+    def epoch_end(trainer: Any) -> None:
+        now = time.perf_counter()
+        log.info("epoch %d/%d: %.1f s", trainer.epoch + 1, trainer.epochs, now - marks["epoch"])
+        marks["epoch"] = now
+
+    for event, fn in (("on_pretrain_routine_start", start), ("on_train_start", train_start),
+                      ("on_train_batch_end", batch_end), ("on_train_epoch_end", epoch_end)):
+        model.add_callback(event, fn)
 
 
 def _without_validation(trainer: Any) -> None:

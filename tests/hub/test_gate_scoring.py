@@ -105,7 +105,7 @@ def test_score_all_runs_every_pass_in_one_pool(golden: Any, tmp_path: Path, monk
     cold = scorer.score_all(golden, "golden-fp", cand, cand, reviewed=golden)
     # golden: candidate and production (same file, both missed the cache), split parts; reviewed: both
     assert len(calls) == 1 and len(calls[0]) == 5
-    assert "SplitModel" in calls[0][2]
+    assert ["SplitModel" in m for m in calls[0]] == [False, False, False, False, True]  # the split parts last
     assert cold.split is not None and cold.new is not None
     # the same figures as the one-pass-at-a-time calls
     ref = GateScorer(tmp_path / "other-cache", workers=1)
@@ -120,6 +120,34 @@ def test_score_all_runs_every_pass_in_one_pool(golden: Any, tmp_path: Path, monk
     calls.clear()
     assert scorer.score_all(golden, "golden-fp", unsplit, cand).split is None
     assert calls == []  # the same model bytes: all read back, nothing to run
+
+
+def test_prefetched_passes_are_taken_up_not_run_again(golden: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from models.parallel_predict import ScoringPool
+
+    calls = _count_passes(monkeypatch)
+    cand = load_bundle(DEFAULT, roles=("onnx_int8",))
+    assert GateScorer(tmp_path / "c0", workers=1).prefetch(golden, "golden-fp", cand, cand, golden) == 0  # no pool
+    ref = GateScorer(tmp_path / "ref", workers=2).score_all(golden, "golden-fp", cand, cand, reviewed=golden)
+    calls.clear()
+    with ScoringPool(2) as pool:
+        scorer = GateScorer(tmp_path / "c1", pool=pool)
+        # golden: candidate and production (both missed the cache); reviewed: both
+        assert scorer.prefetch(golden, "golden-fp", cand, cand, reviewed=golden) == 4
+        got = scorer.score_all(golden, "golden-fp", cand, cand, reviewed=golden)
+        assert len(calls) == 1 and len(calls[0]) == 1 and "SplitModel" in calls[0][0]  # only the split parts ran
+        # queued for another golden set: not taken up, every pass runs
+        calls.clear()
+        scorer.prefetch(golden, "another-golden-set", cand, cand, reviewed=golden)
+        with caplog.at_level("WARNING", logger="hub.gate_scoring"):
+            scorer.score_all(golden, "a-third-golden-set", cand, cand, reviewed=golden)
+        assert len(calls) == 1 and len(calls[0]) == 5
+        assert "were for other models or data" in caplog.text  # a mismatch shows in the job's log
+    for a, b in ((got.golden[0], ref.golden[0]), (got.golden[1], ref.golden[1]), (got.new[0], ref.new[0]),  # type: ignore[index]
+                 (got.split, ref.split)):
+        assert a.report.map50 == pytest.approx(b.report.map50, abs=1e-9)  # type: ignore[union-attr]
+    assert scorer.cache.lookup(cand.path("onnx_int8"), "golden-fp", "val", 0.001, 0.7) is not None  # cached
 
 
 def test_split_parts_scored_as_they_run(golden: Any, tmp_path: Path) -> None:

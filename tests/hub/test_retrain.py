@@ -244,3 +244,55 @@ def test_cli_without_a_retrain_section_says_so(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["retrain", "--data-dir", str(tmp_path)]) == 2
     assert "no retrain section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_gate_passes_run_while_the_release_waits_for_the_split_bottleneck(
+        hub_store: Any, sample_factory: Any, production_bundle: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """On a GPU hub the release waits for the bottleneck's fine-tuning process (a stand-in here):
+    the gate's whole-model passes are queued on the scoring pool first, and the gate takes them up."""
+    import logging
+
+    _reviewed_hub(hub_store, sample_factory, production_bundle)
+    replay = _dataset(tmp_path / "replay", {"train": 8, "val": 4}, seed=3)
+    settings = RetrainSettings(golden=_dataset(tmp_path / "golden", {"val": 4}, seed=2), bundles_dir=tmp_path / "b",
+                               signing_key=None, replay_data=replay,
+                               replay_images=8, preset="retrain-ci", workers=0, score_workers=2, val_share=0.5,
+                               rule=GateRule(min_new_data_gain=1.0))
+    job = RetrainJob.create(tmp_path / "jobs", settings, hub_store.sessions, hub_store.blobs)
+    waited: list[bool] = []
+
+    class Prep:  # the bottleneck's process: the release joins it after queuing the gate's passes
+        exitcode = 0
+
+        def submit(self, checkpoint: Path) -> None:
+            pass
+
+        def join(self) -> None:
+            waited.append((job.work / "prefetch" / "manifest.json").is_file())
+
+        def cancel(self) -> None:
+            pass
+
+    monkeypatch.setattr(job, "_start_bottleneck_prep", lambda snap, ckpt: Prep())
+    from hub.gate_scoring import GateScorer
+
+    calls: list[list[str]] = []
+    real = GateScorer._predict
+
+    def counting(self: Any, jobs: Any) -> Any:  # the passes the gate runs itself
+        calls.append([str(m) for m, _ in jobs])
+        return real(self, jobs)
+
+    monkeypatch.setattr(GateScorer, "_predict", counting)
+    with caplog.at_level(logging.INFO, logger="hub"):
+        st = job.run()
+    assert st.steps_done == list(STEPS) and st.status == "rejected", st
+    assert waited == [True]  # the release's snapshot for the queued passes was there while it waited
+    # golden set: candidate and production (no cache yet); reviewed data: both
+    assert "4 gate passes queued" in caplog.text and "4 whole-model passes were queued early" in caplog.text
+    assert calls == []  # the gate ran no pass of its own (this production has no split parts)
+    assert not (job.work / "prefetch").exists()
+    gate = json.loads((job.work / "gate" / "gate.json").read_text())
+    assert gate["golden"]["candidate"]["map50"] >= 0 and gate["new_data"] is not None

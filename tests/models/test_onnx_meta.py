@@ -78,6 +78,17 @@ def test_rewrite_replaces_not_duplicates(model_path: Path) -> None:
     assert json.loads(read_metadata(model_path)["classes"]) == CLASSES  # untouched keys kept
 
 
+def test_writing_the_values_it_has_leaves_the_file_as_it_is(model_path: Path) -> None:
+    import hashlib
+
+    write_metadata(model_path, _meta(bundle_version="1.0.0"))
+    before = hashlib.sha256(model_path.read_bytes()).hexdigest(), model_path.stat().st_mtime_ns
+    write_metadata(model_path, {"bundle_version": "1.0.0"})  # the split step, the same version again
+    assert (hashlib.sha256(model_path.read_bytes()).hexdigest(), model_path.stat().st_mtime_ns) == before
+    write_metadata(model_path, {"bundle_version": "1.0.1"})
+    assert hashlib.sha256(model_path.read_bytes()).hexdigest() != before[0]
+
+
 def test_write_keeps_model_runnable_and_leaves_no_temp(model_path: Path) -> None:
     import onnxruntime as ort
 

@@ -142,3 +142,20 @@ def test_split_model_matches_the_split_predictor(tmp_path: Path) -> None:
     single = SplitPredictor(SplitEdgeRunner(model.edge), SplitHubRunner(model.hub), model.imgsz)
     n_multi = sum(len(d) for d in direct(frames, conf=0.001, iou=0.7))
     assert n_multi > sum(len(d) for d in single(frames, conf=0.001, iou=0.7))  # multi_label reached the decoder
+
+
+@pytest.mark.slow
+def test_passes_queued_early_come_back_as_predict_many_gives_them(tmp_path: Path) -> None:
+    from models.parallel_predict import predict_many_later
+
+    samples = _samples(tmp_path, 20)
+    with ScoringPool(2) as pool:
+        pending = predict_many_later([(MODEL, samples), (MODEL, samples[:5])], conf=0.001, pool=pool)
+        now = predict_many([(MODEL, samples[3:6])], conf=0.001, pool=pool)[0]  # queued behind, served all the same
+        later = pending.result()
+    assert [len(d) for d in later] == [20, 5]
+    _same(later[0], predict_samples(MODEL, samples, conf=0.001, workers=1))
+    _same(later[1], later[0][:5])
+    _same(now, later[0][3:6])
+    with pytest.raises(RuntimeError, match="closed"):
+        predict_many_later([(MODEL, samples)], pool=pool)

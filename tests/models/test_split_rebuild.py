@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
 from models.bundle import load_bundle, write_bundle  # noqa: E402
-from models.onnx_meta import read_metadata  # noqa: E402
+from models.onnx_meta import read_metadata, write_metadata  # noqa: E402
 from models.split_rebuild import SplitRebuildError, rebuild_split_parts  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -36,9 +37,13 @@ def _candidate(tmp: Path, layer: int) -> Path:
     ckpt = tmp / "ckpt.pt"
     yolo.save(str(ckpt))
     m = prod.manifest
+    onnx = {}
+    for role in ("onnx_fp32", "onnx_int8"):  # the release writes every key, its version among them
+        onnx[role] = tmp / f"{role}.onnx"
+        shutil.copyfile(prod.path(role), onnx[role])
+        write_metadata(onnx[role], {**read_metadata(onnx[role]), "bundle_version": "1.3.0"})
     write_bundle(tmp / "1.3.0", name=m.name, version="1.3.0", parent_version="1.2.0", classes=m.classes,
-                 input_size=m.input_size, files={"onnx_fp32": prod.path("onnx_fp32"),
-                                                 "onnx_int8": prod.path("onnx_int8"), "checkpoint": ckpt},
+                 input_size=m.input_size, files={**onnx, "checkpoint": ckpt},
                  preprocessing=m.preprocessing, postprocessing=m.postprocessing, quantization=m.quantization)
     return tmp / "1.3.0"
 
@@ -66,8 +71,12 @@ def test_device_layers_changed_refused(tmp_path: Path) -> None:
 
 def test_rebuilt_parts_carry_the_retrained_head(tmp_path: Path) -> None:
     cand = _candidate(tmp_path, layer=15)
+    released = load_bundle(cand, roles=()).manifest.files
     m = rebuild_split_parts(PRODUCTION, cand, calib_data=_calib(tmp_path), work=tmp_path / "w")
     assert m.version == "1.3.0" and m.parent_version == "1.2.0"
+    # the whole models keep their bytes: what the gate scored (and cached by SHA-256) is what ships
+    assert [m.files[r].sha256 for r in ("onnx_fp32", "onnx_int8")] == [released[r].sha256
+                                                                      for r in ("onnx_fp32", "onnx_int8")]
     assert m.split and m.split["cut"] == 4 and m.split["metrics"] == {"bottleneck_from": "1.2.0",
                                                                       "hub_tuning": "not redone"}
     b = load_bundle(cand, roles=("split_edge_fp32", "split_edge_int8", "split_hub", "split_bottleneck"))
