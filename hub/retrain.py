@@ -13,7 +13,7 @@ gets :class:`RetrainBusy`). Steps:
    old classes are not forgotten.
 3. ``train``: Ultralytics, starting from the production checkpoint; a new class widens the class
    head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept).
-   ``retrain`` trains every layer; ``retrain-cpu`` freezes the backbone (layers 0-9); ``auto``
+   ``retrain`` trains every layer; ``retrain-cpu`` trains layers 5+ on crops (:mod:`models.crops`); ``auto``
    (the default) picks ``retrain`` on a GPU hub, ``retrain-cpu`` without one.
 4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
    (:func:`models.release.release_bundle`), version = production's minor + 1.
@@ -160,6 +160,8 @@ class RetrainJob:
 
     def _step_dataset(self) -> None:
         from hub.export import export_dir
+        from models.crops import crop_split
+        from models.train import PRESETS
 
         snap = self._snapshot()
         reviewed = self.work / "reviewed"
@@ -182,7 +184,14 @@ class RetrainJob:
             for split, share in (("train", 1.0), ("val", 0.25)):
                 counts["replay"][split] = copy_split(replay, split, tmp, rnames, names,
                                                       limit=int(self.settings.replay_images * share), prefix="replay_")
-        (tmp / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
+        crop, train_split = PRESETS[self._preset_name()].crop, "train"
+        if crop is not None:  # the CPU preset trains on crops of the frames at the model's scale
+            train_split = "train_crops"
+            frames, crops = crop_split(tmp, "train", train_split, len(names), crop,
+                                       is_new=lambda path: not path.name.startswith("replay_"))
+            counts["crops"] = {"frames": frames, "crops": crops}
+        (tmp / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": f"images/{train_split}",
+                                                       "val": "images/val",
                                                        "names": dict(enumerate(names))}, sort_keys=False))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -309,7 +318,7 @@ class RetrainJob:
 
     def _preset_name(self) -> str:
         """The configured preset; ``auto``: ``retrain`` (every layer) on a GPU hub, else ``retrain-cpu``
-        (backbone frozen: every layer plus the bottleneck fine-tuning would take hours on a CPU)."""
+        (crops, layers 0-4 frozen: every layer plus the bottleneck fine-tuning would take hours on a CPU)."""
         name = self.settings.preset
         if name == "auto":
             name = "retrain" if self._on_gpu() else "retrain-cpu"

@@ -1,6 +1,6 @@
 """Split parts for a retrained model (torch): production's bottleneck, the candidate's layers.
 
-A retraining that keeps the layers up to the cut frozen (``retrain-cpu`` freezes the backbone)
+A retraining that keeps the layers up to the cut frozen (``retrain-cpu`` freezes layers 0-4)
 leaves the device part's features exactly as the bottleneck was trained on them, so the candidate
 reuses production's bottleneck as it is: the device part (layers 0..cut + encoder) is unchanged,
 the hub part is the decoder followed by the candidate's own layers after the cut.

@@ -140,6 +140,11 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
     assert (job.work / "start.pt").is_file()  # the class head was widened before training
     assert data["counts"]["replay"]["train"] == 8 and sum(data["counts"]["reviewed"].values()) == 13
+    # the preset trains on crops of the training frames (beside them: the release calibrates on frames)
+    train_frames = data["counts"]["replay"]["train"] + data["counts"]["reviewed"]["train"]
+    assert data["counts"]["crops"]["frames"] == train_frames <= data["counts"]["crops"]["crops"]
+    assert yaml.safe_load((job.work / "train_data" / "data.yaml").read_text())["train"] == "images/train_crops"
+    assert len(list((job.work / "train_data" / "images" / "train").iterdir())) == train_frames
     m = load_bundle(rejected, roles=("onnx_int8",)).manifest
     assert list(m.classes) == [*DEFAULT_CLASSES, "burr"] and list(m.input_size) == [160, 160]
     gate = json.loads((job.work / "gate" / "gate.json").read_text())
