@@ -92,13 +92,16 @@ PRESETS: dict[str, TrainPreset] = {
     ),
     # The same on a hub without a GPU (the 2-core CPU target): on 320 px crops of the frames scaled
     # as the agents scale them (models/crops.py: one crop per labelled box not already inside
-    # another, one random crop per frame), a fifth of a 544x960 frame's pixels each, with mosaic.
+    # another, one random crop per frame; reviewed frames placed twice), a fifth of a 544x960
+    # frame's pixels each; no mosaic (the crops already put each object whole at a random place).
     # Layers 0-4 frozen: the device part of a split model stays valid with production's bottleneck
     # (fine-tuning it would take hours here), and a new defect class was learned so on the GPU
-    # (porosity 94.0%, golden -0.43 mAP50, session 6; docs/benchmarks.md). Epochs fitted to the
-    # job's ``hours``.
+    # (porosity 94.0%, golden -0.43 mAP50, session 6; docs/benchmarks.md). 15 epochs: what the
+    # job's 0.28-hour budget gave on the 2-core build machine for 200 reviews + 600 replay frames
+    # (1,742 crops, 67 s per epoch; job 1,099.6 s); a hub's ``hours`` caps it for larger data.
     "retrain-cpu": TrainPreset(
-        name="retrain-cpu", imgsz=320, epochs=20, batch=16, crop=CropPlan(size=320, scale_to=960, new_data_repeats=2),
+        name="retrain-cpu", imgsz=320, epochs=15, batch=16,
+        crop=CropPlan(size=320, scale_to=960, new_data_repeats=2),
         overrides={**_AUGMENT, "mosaic": 0.0, "close_mosaic": 0, "optimizer": "AdamW", "lr0": 0.001, "lrf": 0.1,
                    "warmup_epochs": 0.5, "patience": 0, "plots": False, "freeze": 5, "val": False},
         validate=False,
