@@ -60,6 +60,8 @@ __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "Re
 
 log = logging.getLogger(__name__)
 
+REPLAY_PREFIX = "replay_"  #: names of the replay buffer's frames in the job's dataset (the rest are reviewed)
+
 STEPS = ("snapshot", "dataset", "train", "release", "split", "gate", "sign", "register")
 
 
@@ -182,13 +184,13 @@ class RetrainJob:
             if unknown:
                 raise RetrainError(f"replay data {replay} has classes {unknown} the model does not know")
             for split, share in (("train", 1.0), ("val", 0.25)):
-                counts["replay"][split] = copy_split(replay, split, tmp, rnames, names,
-                                                      limit=int(self.settings.replay_images * share), prefix="replay_")
+                counts["replay"][split] = copy_split(replay, split, tmp, rnames, names, prefix=REPLAY_PREFIX,
+                                                      limit=int(self.settings.replay_images * share))
         crop, train_split = PRESETS[self._preset_name()].crop, "train"
         if crop is not None:  # the CPU preset trains on crops of the frames at the model's scale
             train_split = "train_crops"
             frames, crops = crop_split(tmp, "train", train_split, len(names), crop,
-                                       is_new=lambda path: not path.name.startswith("replay_"))
+                                       is_new=lambda path: not path.name.startswith(REPLAY_PREFIX))
             counts["crops"] = {"frames": frames, "crops": crops}
         (tmp / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": f"images/{train_split}",
                                                        "val": "images/val",
