@@ -26,14 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.dataset_io import read_label_file
+from models.dataset_io import IMAGE_SUFFIXES, read_label_file, yolo_label_line
 
 __all__ = ["CropPlan", "crop_split", "place_crops"]
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 
 @dataclass(frozen=True)
 class CropPlan:
@@ -98,11 +95,7 @@ def _labels_in(labels: np.ndarray, x: int, y: int, size: int, min_visible: float
 
 
 def _label_text(labels: np.ndarray, size: int) -> str:
-    lines = []
-    for c, x1, y1, x2, y2 in labels.tolist():
-        lines.append(f"{int(c)} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} "
-                     f"{(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}")
-    return "\n".join(lines) + ("\n" if lines else "")
+    return "".join(yolo_label_line(int(row[0]), row[1:], size, size) + "\n" for row in labels.tolist())
 
 
 def crop_split(root: Path, split: str, into: str, nc: int, plan: CropPlan, seed: int = 0,
@@ -116,6 +109,8 @@ def crop_split(root: Path, split: str, into: str, nc: int, plan: CropPlan, seed:
     import shutil
 
     import cv2
+
+    from models.processing import PAD_VALUE
 
     rng = random.Random(seed)
     images = sorted(p for p in (root / "images" / split).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -138,7 +133,7 @@ def crop_split(root: Path, split: str, into: str, nc: int, plan: CropPlan, seed:
         corners = [c for _ in range(plan.new_data_repeats if is_new(path) else 1)
                    for c in place_crops(labels[:, 1:], w, h, plan, rng)]
         for k, (x, y) in enumerate(corners):
-            tile = np.full((plan.size, plan.size, 3), 114, np.uint8)  # a frame smaller than the crop: padded grey
+            tile = np.full((plan.size, plan.size, 3), PAD_VALUE, np.uint8)  # a frame smaller than the crop: padded grey
             piece = frame[y:y + plan.size, x:x + plan.size]
             tile[:piece.shape[0], :piece.shape[1]] = piece
             name = f"{path.stem}_c{k}"

@@ -37,6 +37,7 @@ __all__ = [
     "load_dataset",
     "read_label_file",
     "read_parts_file",
+    "yolo_label_line",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -229,6 +230,13 @@ def read_label_file(path: str | Path, nc: int, width: int, height: int) -> np.nd
     cx, cy, w, h = lb[:, 1] * width, lb[:, 2] * height, lb[:, 3] * width, lb[:, 4] * height
     out = np.stack([lb[:, 0], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     return out.astype(np.float32)
+
+
+def yolo_label_line(cls: int, box: Sequence[float], width: float, height: float) -> str:
+    """One YOLO label row ``cls cx cy w h`` (normalised, 6 decimals) for an xyxy box in pixels."""
+    x1, y1, x2, y2 = box
+    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+    return f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
 
 
 def read_parts_file(path: str | Path) -> list[Part] | None:

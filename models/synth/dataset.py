@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from models.dataset_io import yolo_label_line
 from models.synth.lines import LINES, LineSpec, get_line
 from models.synth.scene import render_scene
 
@@ -57,12 +58,6 @@ PRESETS: dict[str, DatasetPreset] = {
 }
 
 
-def _yolo_line(cls: int, box: tuple[float, float, float, float], width: int, height: int) -> str:
-    x1, y1, x2, y2 = box
-    cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-    return f"{cls} {cx:.6f} {cy:.6f} {(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
-
-
 def render_item(seed: int, split: str, index: int, preset: DatasetPreset,
                 line: LineSpec = LINES["default"]) -> tuple[bytes, str, dict]:
     """JPEG bytes, YOLO label text and part sidecar of image ``index`` of ``split`` of ``line``."""
@@ -72,7 +67,7 @@ def render_item(seed: int, split: str, index: int, preset: DatasetPreset,
     ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, scene.jpeg_quality])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
-    labels = "".join(_yolo_line(c, b, preset.width, preset.height) + "\n" for c, b in scene.objects)
+    labels = "".join(yolo_label_line(c, b, preset.width, preset.height) + "\n" for c, b in scene.objects)
     return buf.tobytes(), labels, {"parts": scene.parts}
 
 
