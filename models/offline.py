@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["configure_offline", "patch_ultralytics", "default_config_dir"]
+__all__ = ["configure_offline", "default_config_dir", "patch_ultralytics", "restore_torch_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,26 @@ def configure_offline(config_dir: Path | None = None) -> Path:
     os.environ.setdefault("YOLO_VERBOSE", "true")
     _place_fonts(config_dir)
     return config_dir
+
+
+def restore_torch_threads() -> int:
+    """Give torch in this process a thread per physical core again; returns the count it had.
+
+    Ultralytics sets ``OMP_NUM_THREADS=1`` at import when it is unset (torch imported after it then
+    runs on one thread) and its CPU device selection sets one thread fewer than the cores: on the
+    2-core build machine retraining ran on one core while the other idled (2026-11-24). Called for
+    CPU training only: children keep Ultralytics' one thread each (the scoring pool, the bottleneck
+    process), and a GPU hub's processes are not touched."""
+    import psutil  # type: ignore[import-untyped]
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = min(psutil.cpu_count(logical=False) or usable, usable)
+    have = torch.get_num_threads()
+    if cores > have:
+        torch.set_num_threads(cores)
+        log.info("torch on the CPU: %d threads (had %d)", cores, have)
+    return have
 
 
 def _place_fonts(config_dir: Path) -> None:

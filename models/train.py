@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from models.crops import CropPlan
-from models.offline import configure_offline, patch_ultralytics
+from models.offline import configure_offline, patch_ultralytics, restore_torch_threads
 
 __all__ = ["RECIPES", "TrainPreset", "PRESETS", "train", "train_recipe", "TrainResult"]
 
@@ -208,6 +208,7 @@ def train(
             args["plots"] = False
     if not cfg.validate:
         model.add_callback("on_pretrain_routine_start", _without_validation)
+    model.add_callback("on_pretrain_routine_start", _cpu_threads)
     _log_times(model)
     results = model.train(**args)
     save_dir = Path(model.trainer.save_dir)
@@ -244,6 +245,15 @@ def _log_times(model: Any) -> None:
     for event, fn in (("on_pretrain_routine_start", start), ("on_train_start", train_start),
                       ("on_train_batch_end", batch_end), ("on_train_epoch_end", epoch_end)):
         model.add_callback(event, fn)
+
+
+def _cpu_threads(trainer: Any) -> None:
+    """Train on a CPU with a thread per core (:func:`restore_torch_threads`): Ultralytics' device
+    selection leaves one thread fewer than the cores, on a 2-core hub one core for the whole training
+    while the other idles (Ultralytics loads the data in the training thread on a CPU). A GPU
+    training is left as it is."""
+    if getattr(trainer.device, "type", None) == "cpu":
+        restore_torch_threads()
 
 
 def _without_validation(trainer: Any) -> None:

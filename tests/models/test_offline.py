@@ -36,3 +36,42 @@ def test_bad_value_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("epoch,loss\n1,abc\n")
     with pytest.raises(ValueError):
         _read_results_csv(SimpleNamespace(csv=tmp_path / "results.csv"))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cpu_training_gets_a_thread_per_core(device: str) -> None:
+    """Ultralytics' import and CPU device selection leave torch one thread on a 2-core machine; the
+    trainer's callback restores a thread per core (never fewer than it had) and leaves a GPU
+    training's process alone."""
+    torch = pytest.importorskip("torch")
+    import os
+
+    import psutil
+
+    from models.train import _cpu_threads
+
+    usable = len(os.sched_getaffinity(0))
+    cores = min(psutil.cpu_count(logical=False) or usable, usable)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as Ultralytics leaves it on a 2-core machine
+        _cpu_threads(SimpleNamespace(device=SimpleNamespace(type=device)))
+        assert torch.get_num_threads() == (cores if device == "cpu" else 1)
+        torch.set_num_threads(cores + 1)
+        _cpu_threads(SimpleNamespace(device=SimpleNamespace(type=device)))
+        assert torch.get_num_threads() == cores + 1  # never lowered
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_restore_returns_the_count_it_found() -> None:
+    torch = pytest.importorskip("torch")
+    from models.offline import restore_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert restore_torch_threads() == 1
+        assert torch.get_num_threads() >= 1
+    finally:
+        torch.set_num_threads(before)
