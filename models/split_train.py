@@ -115,7 +115,8 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
                      device: str = "cpu", progress: bool = True,
                      seconds: float | None = None, tune_hub: float = 0.0,
                      crop: int | None = None, hidden: int | None = None,
-                     kd: float = 0.0, init: Bottleneck | None = None) -> tuple[Bottleneck, dict[str, Any]]:
+                     kd: float = 0.0, init: Bottleneck | None = None,
+                     hub_init: dict[str, torch.Tensor] | None = None) -> tuple[Bottleneck, dict[str, Any]]:
     """Train a bottleneck at ``cut`` on ``images``/``labels`` (from :func:`load_letterboxed`).
 
     ``tune_hub`` > 0 also trains the hub-side layers in stage 2 at ``lr * tune_hub`` (batch norm
@@ -126,6 +127,8 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     With ``seconds``, the step counts are scaled (keeping their ratio) so that training takes
     about that long, from the time of steps 5 to 25. ``init`` starts from a trained bottleneck's
     weights (a retraining changed the layers before the cut: fine-tune, usually with ``steps1=0``).
+    ``hub_init`` (a hub-layer state, as ``info["hub_tuned"]``) is where the tuned hub layers start;
+    the teacher keeps the model's own.
 
     Deterministic (:func:`deterministic_torch`): the same inputs give the same weights on a GPU too,
     so that the gate's verdict on a candidate's split parts does not change from run to run (the
@@ -143,6 +146,10 @@ def train_bottleneck(model: Any, images: np.ndarray, labels: list[np.ndarray], *
     edge, hub = EdgePart(layers, cut, [cut]).eval(), HubPart(layers, cut, [cut]).eval()
     # the teacher's hub side stays as it is even when the student's hub layers are tuned
     teacher_hub = HubPart(copy.deepcopy(layers), cut, [cut]).eval() if tune_hub > 0 else hub
+    if hub_init is not None:
+        if tune_hub <= 0:
+            raise ValueError("hub_init is where the hub layers' tuning starts: it needs tune_hub > 0")
+        hub.layers.load_state_dict(hub_init)
     bn = Bottleneck(c, width, bits, stride, hidden)
     if init is not None:
         bn.load_state_dict(init.state_dict())

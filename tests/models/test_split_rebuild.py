@@ -77,8 +77,8 @@ def test_rebuilt_parts_carry_the_retrained_head(tmp_path: Path) -> None:
     # the whole models keep their bytes: what the gate scored (and cached by SHA-256) is what ships
     assert [m.files[r].sha256 for r in ("onnx_fp32", "onnx_int8")] == [released[r].sha256
                                                                       for r in ("onnx_fp32", "onnx_int8")]
-    assert m.split and m.split["cut"] == 4 and m.split["metrics"] == {"bottleneck_from": "1.2.0",
-                                                                      "hub_tuning": "not redone"}
+    assert m.split and m.split["cut"] == 4 and m.split["metrics"] == {
+        "bottleneck_from": "1.2.0", "hub_tuning": "production's tuning added to the retrained layers"}
     b = load_bundle(cand, roles=("split_edge_fp32", "split_edge_int8", "split_hub", "split_bottleneck"))
     for role in ("split_edge_int8", "split_hub"):
         meta = json.loads(read_metadata(b.path(role))["split"])  # type: ignore[index]
@@ -87,7 +87,26 @@ def test_rebuilt_parts_carry_the_retrained_head(tmp_path: Path) -> None:
     import torch
 
     raw = torch.load(b.path("split_bottleneck"), map_location="cpu", weights_only=True)
-    assert raw["hub_layers"] is None  # production's tuned hub layers did not overwrite the retrained ones
+    # not production's tuned hub layers as they are (they would overwrite the retrained ones), but
+    # the candidate's own plus what production's tuning changed in production's
+    from ultralytics import YOLO
+
+    from models.split_rebuild import _hub_state
+
+    prod_raw = torch.load(load_bundle(PRODUCTION, roles=("split_bottleneck",)).path("split_bottleneck"),
+                          map_location="cpu", weights_only=True)
+    own = _hub_state(YOLO(str(tmp_path / "ckpt.pt"), task="detect").model, 4)
+    trained = _hub_state(YOLO(str(load_bundle(PRODUCTION, roles=("checkpoint",)).path("checkpoint")),
+                              task="detect").model, 4)
+    assert raw["hub_layers"].keys() == own.keys()
+    moved = [k for k, v in own.items() if v.is_floating_point()
+             and not torch.equal(prod_raw["hub_layers"][k].float(), trained[k].float())]
+    assert moved  # production's tuning changed some of its layers ...
+    for k in moved:  # ... and that change is on the candidate's (stored in FP16)
+        expected = own[k].float() + prod_raw["hub_layers"][k].float() - trained[k].float()
+        assert torch.allclose(raw["hub_layers"][k].float(), expected, rtol=1e-3, atol=1e-3), k
+    nudged = "10.cv1.bn.bias"  # the candidate's layer 15 (hub layer 10)
+    assert not torch.equal(raw["hub_layers"][nudged].float(), prod_raw["hub_layers"][nudged].float())
     # the hub part runs the candidate's layer 15: its output differs from production's hub part
     import onnxruntime as ort
 
@@ -115,11 +134,33 @@ def test_device_layers_changed_bottleneck_fine_tuned(tmp_path: Path) -> None:
                      map_location="cpu", weights_only=True)
     assert new["info"]["retuned_from"] == "1.2.0"
     # the candidate's hub layers were tuned with the bottleneck, as production's were (tune_hub 0.1)
-    assert m.split["metrics"]["hub_tuning"] == "redone with the bottleneck (lr x 0.1)"
+    assert m.split["metrics"]["hub_tuning"] == ("redone with the bottleneck (lr x 0.1), from the retrained layers "
+                                                "plus production's tuning")
     assert new["hub_layers"] is not None and new["info"]["tune_hub"] == 0.1
     assert new["state_dict"].keys() == old["state_dict"].keys()
     assert any(not torch.equal(new["state_dict"][k], old["state_dict"][k]) for k in old["state_dict"]
                if old["state_dict"][k].is_floating_point())  # trained from production's weights, not kept
+
+
+def test_transferred_tuning_only_where_the_shapes_agree() -> None:
+    """A head grown for a new class keeps its own rows; a tensor production's tuning lacks stays too."""
+    import torch
+    from ultralytics import YOLO
+
+    from models.split_rebuild import _hub_state, transferred_hub_tuning
+
+    model = YOLO(str(load_bundle(PRODUCTION, roles=("checkpoint",)).path("checkpoint")), task="detect").model
+    own = _hub_state(model, 4)
+    floats = [k for k, v in own.items() if v.is_floating_point()]
+    grown, missing, shifted = floats[-1], floats[-2], floats[0]
+    tuned = {k: v.float() + 1 for k, v in own.items() if v.is_floating_point() and k != missing}
+    tuned[grown] = torch.zeros(own[grown].shape[0] + 1, *own[grown].shape[1:])
+    out = transferred_hub_tuning(model, model, tuned, 4)
+    assert out.keys() == own.keys()
+    assert torch.allclose(out[shifted], own[shifted].float() + 1)
+    assert torch.equal(out[grown], own[grown]) and torch.equal(out[missing], own[missing])
+    ints = [k for k, v in own.items() if not v.is_floating_point()]
+    assert ints and all(torch.equal(out[k], own[k]) for k in ints)  # batch norm's counters as they were
 
 
 def test_a_prepared_bottleneck_is_reused_for_its_checkpoint_only(tmp_path: Path,
@@ -130,7 +171,7 @@ def test_a_prepared_bottleneck_is_reused_for_its_checkpoint_only(tmp_path: Path,
     ckpt = tmp_path / "ckpt.pt"
     work = tmp_path / "w"
     metrics = sr.prepare_bottleneck(PRODUCTION, ckpt, calib_data=_calib(tmp_path), work=work)
-    assert metrics == {"bottleneck_from": "1.2.0", "hub_tuning": "not redone"}
+    assert metrics == {"bottleneck_from": "1.2.0", "hub_tuning": "production's tuning added to the retrained layers"}
     assert sr.prepared_bottleneck(work, ckpt) == metrics
     other = tmp_path / "other.pt"
     other.write_bytes(ckpt.read_bytes() + b"\0")

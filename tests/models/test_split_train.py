@@ -74,3 +74,31 @@ def test_fine_tuning_twice_gives_the_same_weights(device: str) -> None:
     assert _same(first, second)
     prod_bn, _ = load_bottleneck(load_bundle(PRODUCTION, roles=("split_bottleneck",)).path("split_bottleneck"))
     assert any(not torch.equal(first[f"bn.{k}"], v) for k, v in prod_bn.state_dict().items())  # it did train
+
+
+@pytest.mark.parametrize(("tune_hub", "error"), [(0.1, None), (0.0, "needs tune_hub > 0")])
+def test_hub_tuning_starts_from_hub_init(tune_hub: float, error: str | None) -> None:
+    """``hub_init`` is where the tuned hub layers start (at learning rate 0 they stay there)."""
+    from ultralytics import YOLO
+
+    prod = load_bundle(PRODUCTION, roles=("checkpoint", "split_bottleneck"))
+    bn, info = load_bottleneck(prod.path("split_bottleneck"))
+    model = YOLO(str(prod.path("checkpoint")), task="detect").model
+    start = {k: v.float() + 0.5 if v.is_floating_point() else v for k, v in info["hub_tuned"].items()}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
+    labels = [np.array([[0, 0.5, 0.5, 0.2, 0.3]], np.float32)] * 2
+
+    def run() -> dict[str, Any]:
+        return train_bottleneck(model, images, labels, cut=int(info["cut"]), width=int(info["width"]),
+                                bits=int(info["bits"]), stride=int(info["stride"]), hidden=info.get("hidden"),
+                                steps1=0, steps2=1, batch=2, lr=0.0, device="cpu", progress=False, init=bn,
+                                tune_hub=tune_hub, hub_init=start)[1]
+
+    if error:
+        with pytest.raises(ValueError, match=error):
+            run()
+        return
+    tuned = run()["hub_tuned"]
+    assert tuned.keys() == start.keys()
+    assert all(torch.equal(tuned[k].float(), start[k].float()) for k in start)
