@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 from _common import emit_json  # noqa: E402
+from _trace import UsageTrace, mean_between  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hub.gate import GateRule, mapped_predictor, score  # noqa: E402
@@ -176,9 +177,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             max_false_alarm_rise=None if args.max_false_alarm_rise < 0 else args.max_false_alarm_rise / 100))
     settings = _with_signing_key(settings, work)
     warmup_s = _warm_detection_cache(settings, prod) if args.warm_cache else None
-    t0 = time.perf_counter()
-    state = RetrainJob.create(work / "jobs", settings, sessions, blobs).run()
-    retrain_s = time.perf_counter() - t0
+    with UsageTrace() as trace:
+        t0 = time.perf_counter()
+        state = RetrainJob.create(work / "jobs", settings, sessions, blobs).run()
+        retrain_s = time.perf_counter() - t0
     if state.status == "failed":
         raise SystemExit(f"retraining failed: {state.error}")
     job = work / "jobs" / state.job_id
@@ -191,7 +193,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "export_steps_s": (split.get("export") or {}).get("steps")}
     res["retrain"]["export_s"] = (cand.manifest.training or {}).get("export_seconds")
     res["retrain"]["warm_detection_cache_s"] = warmup_s
+    res["retrain"]["usage"] = _usage_by_step(trace, t0, res["retrain"]["steps_s"])
     return res
+
+
+def _usage_by_step(trace: UsageTrace, job_t0: float, steps_s: dict[str, float]) -> dict[str, Any]:
+    """Mean host CPU (% of all cores) and GPU busy (%) over each step of the job (the steps run one
+    after another, in ``steps_s``' order), and the samples themselves."""
+    start, by_step = job_t0 - trace.t0, {}
+    for step, secs in steps_s.items():
+        if secs >= 1.0:
+            by_step[step] = {"cpu": mean_between(trace.samples, start, start + secs, "cpu"),
+                             "gpu": mean_between(trace.samples, start, start + secs, "gpu")}
+        start += secs
+    return {"by_step": by_step, "cores": os.cpu_count(), "samples": trace.samples}
 
 
 def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:
