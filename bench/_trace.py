@@ -38,21 +38,18 @@ class UsageTrace:
     def _run(self) -> None:
         import psutil  # type: ignore[import-untyped]
 
+        nvml: Any = None
         gpu: Any = None
         try:
-            import pynvml  # type: ignore[import-untyped]
+            import pynvml as nvml  # type: ignore[import-untyped,no-redef]
 
-            pynvml.nvmlInit()
-            gpu = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:  # no NVML or no GPU: CPU only
+            nvml.nvmlInit()
+            gpu = nvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML library or no GPU: CPU only
             gpu = None
         psutil.cpu_percent(None)
         while not self._stop.wait(self.interval):
-            util = None
-            if gpu is not None:
-                import pynvml
-
-                util = pynvml.nvmlDeviceGetUtilizationRates(gpu).gpu
+            util = nvml.nvmlDeviceGetUtilizationRates(gpu).gpu if gpu is not None else None
             self.samples.append({"t": round(time.perf_counter() - self.t0, 2), "cpu": psutil.cpu_percent(None),
                                  "gpu": util})
 
