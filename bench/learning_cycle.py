@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: the hub's, by cores)")
-    p.add_argument("--split-retune-steps", type=int, default=400, help="the hub config's default")
+    p.add_argument("--split-retune-steps", type=int, default=200, help="the hub config's default")
     p.add_argument("--warm-cache", action="store_true",
                    help="production's golden detections cached before the job (a hub's second job on)")
     p.add_argument("--val-share", type=float, default=0.2)

@@ -39,7 +39,7 @@ class RetrainSettings:
     min_reviewed: int = 1
     score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
     calib_images: int = 100  # INT8 calibration frames (the gate scores the INT8 model that results)
-    split_retune_steps: int = 400  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
+    split_retune_steps: int = 200  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
     rule: GateRule = field(default_factory=GateRule)
 
 

@@ -88,7 +88,7 @@ class HubRetrainConfig(BaseModel):
     score_workers: int | None = Field(None, ge=1, description="processes scoring the candidate (release, gate); "
                                                              "default: 1 below 4 cores, else half the cores (<= 8)")
     calib_images: int = Field(100, ge=8, description="INT8 calibration frames")
-    split_retune_steps: int = Field(400, ge=0, description="split production: bottleneck fine-tuning steps when "
+    split_retune_steps: int = Field(200, ge=0, description="split production: bottleneck fine-tuning steps when "
                                                            "training changed the device part's layers; 0: refuse")
     min_reviewed: int = Field(50, ge=1, description="do not retrain on fewer reviewed samples")
     val_share: float = Field(0.2, gt=0, lt=1, description="reviewed samples held out as the gate's new data")

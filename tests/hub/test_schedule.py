@@ -72,6 +72,6 @@ def test_retrain_config_defaults() -> None:
 
     rc = build_config({"retrain": {"golden": "g"}}).retrain
     assert rc is not None and rc.schedule == "0 2 * * mon" and rc.max_recall_drop_points == 1.0
-    assert (rc.calib_images, rc.score_workers, rc.split_retune_steps) == (100, None, 400)
+    assert (rc.calib_images, rc.score_workers, rc.split_retune_steps) == (100, None, 200)
     assert (rc.preset, rc.max_split_map50_drop_points) == ("auto", 1.0)
     assert build_config({"retrain": {"golden": "g", "schedule": None}}).retrain.schedule is None  # type: ignore[union-attr]
