@@ -206,7 +206,8 @@ def _usage_by_step(trace: UsageTrace, job_t0: float, steps_s: dict[str, float]) 
             by_step[step] = {"cpu": mean_between(trace.samples, start, start + secs, "cpu"),
                              "gpu": mean_between(trace.samples, start, start + secs, "gpu")}
         start += secs
-    return {"by_step": by_step, "cores": os.cpu_count(), "samples": trace.samples}
+    return {"by_step": by_step, "cores": os.cpu_count(), "job_start_s": round(job_t0 - trace.t0, 3),
+            "samples": trace.samples}
 
 
 def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def plot(doc: dict, out: Path, title: str) -> None:
     ax.plot(t, [s["cpu"] for s in samples], label=f"host CPU (% of {r['usage']['cores']} cores)", lw=1.2)
     if any(s["gpu"] is not None for s in samples):
         ax.plot(t, [s["gpu"] if s["gpu"] is not None else float("nan") for s in samples], label="GPU busy (%)", lw=1.2)
-    start = t[0] if t else 0.0
+    start = float(r["usage"].get("job_start_s", 0.0))  # the steps run one after another from the job's start
     colours, total, shown = ["#eeeeee", "#dddddd"], sum(r["steps_s"].values()) or 1.0, 0
     for step, secs in r["steps_s"].items():
         if secs >= 1.0:
