@@ -11,11 +11,12 @@ fine-tuned to the candidate (``retune_steps`` steps of :func:`models.split_train
 from production's weights, the candidate as teacher, on the job's training frames); without
 ``retune_steps`` it is refused (:class:`SplitRebuildError`).
 
-The hub layers the bottleneck run had fine-tuned for production are never carried over (they
-would overwrite the retrained layers). A fine-tuned bottleneck has the candidate's hub layers
-tuned with it, as production's were (its ``tune_hub``). A reused one gets what that tuning changed
-in production's layers added to the candidate's (:func:`transferred_hub_tuning`; no training).
-The manifest's ``split.metrics.hub_tuning`` says which, and the gate scores the split parts either way.
+The hub layers the bottleneck run had fine-tuned for production are never carried over as they
+are (they would overwrite the retrained layers); what that tuning changed in production's layers
+is added to the candidate's (:func:`transferred_hub_tuning`, no training). A reused bottleneck gets
+the candidate's hub layers so; a fine-tuned one has them tuned with it, as production's were (its
+``tune_hub``), starting from there. The manifest's ``split.metrics.hub_tuning`` says which, and the
+gate scores the split parts either way.
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def prepare_bottleneck(production: Path, candidate_checkpoint: Path, *, calib_da
     else:
         raw = torch.load(prod.path("split_bottleneck"), map_location="cpu", weights_only=True)
         tuned = raw.get("hub_layers")  # production's own would overwrite the retrained layers: never as they are
-        raw["hub_layers"] = None
-        metrics["hub_tuning"] = "not redone"
-        if tuned is not None:
+        if tuned is None:
+            metrics["hub_tuning"] = "not redone"
+        else:
             moved = transferred_hub_tuning(prod_yolo.model, cand_yolo.model, tuned, cut)
             raw["hub_layers"] = {k: v.half() if v.is_floating_point() else v for k, v in moved.items()}
             metrics["hub_tuning"] = "production's tuning added to the retrained layers"

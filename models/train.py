@@ -98,7 +98,8 @@ PRESETS: dict[str, TrainPreset] = {
     # (fine-tuning it would take hours here), and a new defect class was learned so on the GPU
     # (porosity 94.0%, golden -0.43 mAP50, session 6; docs/benchmarks.md). 15 epochs: what the
     # job's 0.28-hour budget gave on the 2-core build machine for 200 reviews + 600 replay frames
-    # (1,742 crops, 67 s per epoch; job 1,099.6 s); a hub's ``hours`` caps it for larger data.
+    # (1,742 crops; 39-40 s per epoch on both cores, job 679-683 s; 20 epochs forgot more and learned
+    # no more); a hub's ``hours`` caps it for larger data.
     "retrain-cpu": TrainPreset(
         name="retrain-cpu", imgsz=320, epochs=15, batch=16,
         crop=CropPlan(size=320, scale_to=960, new_data_repeats=2),
