@@ -230,7 +230,11 @@ class Run:
 
 def test_batch_follows_the_load_growing_then_shrinking_on_misses_then_growing_again() -> None:
     detector = FakeDetector(a=0.010, b=0.002)  # 6 frames: 22 ms, far inside 100 ms
-    with Run(detector, cameras(*[30.0] * 6), slo_ms=100.0, probe_holdoff_s=0.5, probe_holdoff_max_s=1.0) as run:
+    # A queue delay longer than a frame period (33 ms) lets a batch take one frame of every camera
+    # whatever their phases: on a loaded machine a camera whose reads fall a period behind restarts
+    # its schedule, and with the default 10 ms cameras spread over the period never fill a batch of 6.
+    with Run(detector, cameras(*[30.0] * 6), slo_ms=100.0, max_queue_delay_ms=40.0, probe_holdoff_s=0.5,
+             probe_holdoff_max_s=1.0) as run:
         run.wait_for(lambda: run.batcher.batch_size >= 6 and len(run.batches[-1]) == 6, timeout=20)
         grown = run.batcher.stats()
         n = len(run.results)
