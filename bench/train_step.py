@@ -56,7 +56,7 @@ def _batch(torch: Any, device: Any, n: int, size: int, gen: Any) -> dict[str, An
 
 
 def measure(batch: int, *, deterministic: bool, compile_mode: str | None, device_name: str, size: int,
-            iters: int, profile: bool) -> dict[str, Any]:
+            iters: int, profile: bool, backend: str = "inductor") -> dict[str, Any]:
     import torch
 
     device = torch.device(f"cuda:{device_name}" if device_name.isdigit() else device_name)
@@ -64,7 +64,10 @@ def measure(batch: int, *, deterministic: bool, compile_mode: str | None, device
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     model = _model(torch, device)
-    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    if backend != "inductor":  # another backend takes no mode
+        net = torch.compile(model, backend=backend, dynamic=False)
+    else:
+        net = torch.compile(model, mode=compile_mode) if compile_mode else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     gen = torch.Generator(device=device)
@@ -76,6 +79,8 @@ def measure(batch: int, *, deterministic: bool, compile_mode: str | None, device
             torch.cuda.synchronize()
 
     def step(b: dict[str, Any]) -> None:
+        if backend == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         img = b["img"].contiguous(memory_format=torch.channels_last) if cuda else b["img"]
         with torch.autocast(device.type, enabled=cuda):
             loss, _ = model.loss(b, net(img))
@@ -98,7 +103,7 @@ def measure(batch: int, *, deterministic: bool, compile_mode: str | None, device
         sync()
         times.append(time.perf_counter() - t0)
     times.sort()
-    res: dict[str, Any] = {"batch": batch, "deterministic": deterministic, "compile": compile_mode,
+    res: dict[str, Any] = {"batch": batch, "deterministic": deterministic, "compile": compile_mode, "backend": backend,
                            "first_iteration_s": round(first, 2),
                            "iteration_ms_median": round(1000 * times[len(times) // 2], 1),
                            "ms_per_image": round(1000 * times[len(times) // 2] / batch, 2)}
@@ -124,6 +129,10 @@ def main() -> None:
     p.add_argument("--imgsz", type=int, default=960)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", default=None, help="torch.compile mode of the forward (default: eager)")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend: inductor (with --compile MODE) or cudagraphs (CUDA graphs of the "
+                        "forward and backward, no code generation)")
+    p.add_argument("--deterministic-only", action="store_true", help="only deterministic algorithms (as the job)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -132,9 +141,10 @@ def main() -> None:
     configure_offline()
     patch_ultralytics()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    plan = [(b, det) for b in (args.batch or [16, 32, 64]) for det in (True, False)]
+    modes = (True,) if args.deterministic_only else (True, False)
+    plan = [(b, det) for b in (args.batch or [16, 32, 64]) for det in modes]
     runs = [measure(b, deterministic=det, compile_mode=args.compile, device_name=args.device, size=args.imgsz,
-                    iters=args.iters, profile=not args.no_profile)
+                    iters=args.iters, profile=not args.no_profile, backend=args.backend)
             for b, det in tqdm(plan, desc="train step", unit="run", file=sys.stderr)]
     import torch
 

@@ -39,7 +39,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,7 @@ class RetrainJob:
         crop, train_split = PRESETS[self._preset_name()].crop, "train"
         if crop is not None:  # the CPU preset trains on crops of the frames at the model's scale
             train_split = "train_crops"
+            crop = replace(crop, input_hw=(int(snap["input_size"][0]), int(snap["input_size"][1])))
             frames, crops = crop_split(tmp, "train", train_split, len(names), crop,
                                        is_new=lambda path: not path.name.startswith(REPLAY_PREFIX))
             counts["crops"] = {"frames": frames, "crops": crops}

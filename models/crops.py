@@ -1,7 +1,8 @@
 """Training crops at the model's own scale: what makes retraining affordable on a CPU hub.
 
 A detector is convolutional: trained on square crops of frames scaled as the agents scale them
-(long side = the model's input width), it sees every object at the size it will meet it in the
+(:func:`models.processing.resize_for_input`: the letterbox's ratio and interpolation for the
+model's input size), it sees every object at the size it will meet it in the
 field, and each training image costs the crop's pixels instead of the frame's. A 320 px crop is
 a fifth of a 544x960 frame and a ninth of the 960 px square the GPU preset trains on.
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CropPlan:
     size: int = 320  #: crop side in px, at the model's input scale
-    scale_to: int = 960  #: frames are scaled so that their long side is this many px (as the agents do)
+    #: the model's input (h, w): frames are scaled as the agents letterbox them into it
+    input_hw: tuple[int, int] = (544, 960)
     background: int = 1  #: random crops per frame besides the ones placed on labels
     min_visible: float = 0.4  #: share of a cut box's area that must be inside the crop to keep its label
     #: crop placements per frame the caller marks as new data (the reviewed samples, against the
@@ -43,8 +45,9 @@ class CropPlan:
     new_data_repeats: int = 1
 
     def __post_init__(self) -> None:
-        if not 32 <= self.size <= self.scale_to:
-            raise ValueError(f"crop size {self.size} must be between 32 and scale_to ({self.scale_to})")
+        if not 32 <= self.size <= max(self.input_hw):
+            raise ValueError(f"crop size {self.size} must be between 32 and the input's long side "
+                             f"({max(self.input_hw)})")
         if self.background < 0:
             raise ValueError(f"background crops per frame must be >= 0, got {self.background}")
         if not 0.0 < self.min_visible <= 1.0:
@@ -110,7 +113,7 @@ def crop_split(root: Path, split: str, into: str, nc: int, plan: CropPlan, seed:
 
     import cv2
 
-    from models.processing import PAD_VALUE
+    from models.processing import PAD_VALUE, resize_for_input
 
     rng = random.Random(seed)
     images = sorted(p for p in (root / "images" / split).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -123,11 +126,7 @@ def crop_split(root: Path, split: str, into: str, nc: int, plan: CropPlan, seed:
         frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if frame is None:
             raise ValueError(f"{path}: cannot decode image")
-        h0, w0 = frame.shape[:2]
-        r = plan.scale_to / max(h0, w0)
-        if r != 1.0:
-            frame = cv2.resize(frame, (round(w0 * r), round(h0 * r)),
-                               interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+        frame, _ = resize_for_input(frame, plan.input_hw)
         h, w = frame.shape[:2]
         labels = read_label_file(root / "labels" / split / f"{path.stem}.txt", nc, w, h)
         corners = [c for _ in range(plan.new_data_repeats if is_new(path) else 1)

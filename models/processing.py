@@ -21,6 +21,7 @@ __all__ = [
     "nms",
     "postprocess",
     "preprocess_batch",
+    "resize_for_input",
     "scale_boxes_to_input",
     "scale_boxes_to_original",
 ]
@@ -39,6 +40,19 @@ class LetterboxInfo:
     orig_h: int
 
 
+def resize_for_input(img: np.ndarray, new_shape: tuple[int, int], scaleup: bool = True) -> tuple[np.ndarray, float]:
+    """``img`` scaled as :func:`letterbox` scales it into ``new_shape`` (h, w), before the padding,
+    and the scale: what the model sees of a frame (training crops are cut from this)."""
+    h, w = img.shape[:2]
+    r = min(new_shape[0] / h, new_shape[1] / w)
+    if not scaleup:
+        r = min(r, 1.0)
+    new_unpad = (int(round(w * r)), int(round(h * r)))
+    if (w, h) != new_unpad:
+        img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
+    return img, r
+
+
 def letterbox(
     img: np.ndarray, new_shape: int | tuple[int, int] = 640, scaleup: bool = True
 ) -> tuple[np.ndarray, LetterboxInfo]:
@@ -46,14 +60,9 @@ def letterbox(
     if isinstance(new_shape, int):
         new_shape = (new_shape, new_shape)
     h, w = img.shape[:2]
-    r = min(new_shape[0] / h, new_shape[1] / w)
-    if not scaleup:
-        r = min(r, 1.0)
-    new_unpad = (int(round(w * r)), int(round(h * r)))
-    dw = (new_shape[1] - new_unpad[0]) / 2
-    dh = (new_shape[0] - new_unpad[1]) / 2
-    if (w, h) != new_unpad:
-        img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
+    img, r = resize_for_input(img, new_shape, scaleup)
+    dw = (new_shape[1] - img.shape[1]) / 2
+    dh = (new_shape[0] - img.shape[0]) / 2
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)

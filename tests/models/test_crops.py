@@ -11,11 +11,12 @@ import pytest
 
 from models.crops import CropPlan, _labels_in, crop_split, place_crops
 from models.dataset_io import read_label_file
+from models.processing import letterbox
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
-    ({"size": 16}, "between 32 and scale_to"),
-    ({"size": 1000, "scale_to": 960}, "between 32 and scale_to"),
+    ({"size": 16}, "between 32 and the input's long side"),
+    ({"size": 1000, "input_hw": (544, 960)}, r"between 32 and the input's long side \(960\)"),
     ({"background": -1}, "background crops"),
     ({"min_visible": 0.0}, "min_visible"),
     ({"min_visible": 1.5}, "min_visible"),
@@ -85,7 +86,7 @@ def _dataset(root: Path, frames: list[list[list[float]]]) -> None:
 def test_crop_split_keeps_every_box_whole_at_the_models_scale_beside_the_frames(tmp_path: Path) -> None:
     frames = [[[0, 100, 100, 140, 140], [1, 1000, 600, 1100, 680]], [], [[1, 600, 300, 640, 330]]]
     _dataset(tmp_path, frames)
-    plan = CropPlan(size=320, scale_to=960, background=1)
+    plan = CropPlan(size=320, input_hw=(544, 960), background=1)
     n_frames, n_crops = crop_split(tmp_path, "train", "train_crops", nc=2, plan=plan, seed=0)
     images = sorted((tmp_path / "images" / "train_crops").iterdir())
     assert n_frames == 3 and n_crops == len(images) == 3 + 1 + 2  # two far-apart boxes + 1 bg, 1 bg, 1 + 1 bg
@@ -105,6 +106,33 @@ def test_crop_split_keeps_every_box_whole_at_the_models_scale_beside_the_frames(
     assert (75.0, 60.0) in sizes[1] and (30.0, 22.5) in sizes[1]
 
 
+@pytest.mark.parametrize(("frame_wh", "scaled_wh"), [
+    ((1280, 720), (960, 540)),   # 16:9: 0.75, as before this test
+    ((1280, 960), (725, 544)),   # 4:3: the height limits the scale (0.567), not the long side
+    ((640, 480), (725, 544)),    # a small frame is scaled up, as the letterbox does
+])
+def test_crops_hold_the_pixels_the_agents_letterbox_gives_the_model(
+        tmp_path: Path, frame_wh: tuple[int, int], scaled_wh: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    frame = rng.integers(0, 255, (frame_wh[1], frame_wh[0], 3), dtype=np.uint8)  # texture: interpolation shows
+    cv2.imwrite(str(tmp_path / "images" / "train" / "f0.png"), frame)
+    (tmp_path / "labels" / "train" / "f0.txt").write_text("")
+    crop_split(tmp_path, "train", "train_crops", nc=1, plan=CropPlan(size=320, input_hw=(544, 960), background=3))
+    model_input, info = letterbox(frame, (544, 960))
+    w, h = scaled_wh
+    top, left = int(info.pad_y), int(info.pad_x)
+    scaled = model_input[top:top + h, left:left + w]  # the frame's pixels in the model's input, unpadded
+    assert (round(info.orig_w * info.scale), round(info.orig_h * info.scale)) == (w, h)
+    tiles = [cv2.imread(str(p)) for p in sorted((tmp_path / "images" / "train_crops").iterdir())]
+    assert len(tiles) == 3
+    for tile in tiles:
+        diff = cv2.matchTemplate(scaled, tile, cv2.TM_SQDIFF)
+        y, x = np.unravel_index(int(np.argmin(diff)), diff.shape)
+        assert np.array_equal(scaled[y:y + 320, x:x + 320], tile)  # the same pixels, not a look-alike
+
+
 def test_an_undecodable_frame_is_named(tmp_path: Path) -> None:
     _dataset(tmp_path, [[]])
     (tmp_path / "images" / "train" / "f0.jpg").write_bytes(b"not a jpeg")
@@ -116,7 +144,7 @@ def test_new_data_gets_more_placements(tmp_path: Path) -> None:
     _dataset(tmp_path, [[[0, 100, 100, 140, 140]], [[0, 100, 100, 140, 140]]])
     (tmp_path / "images" / "train" / "f1.jpg").rename(tmp_path / "images" / "train" / "replay_f1.jpg")
     (tmp_path / "labels" / "train" / "f1.txt").rename(tmp_path / "labels" / "train" / "replay_f1.txt")
-    plan = CropPlan(size=320, scale_to=960, background=1, new_data_repeats=3)
+    plan = CropPlan(size=320, input_hw=(544, 960), background=1, new_data_repeats=3)
     _, n = crop_split(tmp_path, "train", "train_crops", nc=1, plan=plan,
                       is_new=lambda p: not p.name.startswith("replay_"))
     names = sorted(p.stem for p in (tmp_path / "images" / "train_crops").iterdir())
