@@ -12,8 +12,9 @@ The staged rollout: :func:`start_canary` marks a candidate ``canary`` and announ
 share of the stations (chosen by a hash of version and station, so the same share picks the same
 stations) or to a list; :func:`decide_canary` compares canary and control health
 (:mod:`hub.canary`) and :func:`promote` (announce to every station) or :func:`rollback` (the
-production version announced back, pinned, to the stations that took the canary) carries out
-the verdict. ``serve`` runs :class:`RolloutWatcher` to do this automatically.
+production version announced back, pinned, to every station the version was announced to, as
+recorded in ``model_announcements``, and every station whose agent reports running it) carries
+out the verdict. ``serve`` runs :class:`RolloutWatcher` to do this automatically.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from hub.canary import CanaryRule, Verdict, verdict
 from hub.registry import RegistryError, get, production, set_status
-from hub.tables import Agent, ModelEvent, ModelVersion, Station
+from hub.tables import Agent, ModelAnnouncement, ModelEvent, ModelVersion, Station
 from lineguard_contract import ModelAnnouncePayload, StationId, Topics, encode
 
 __all__ = ["RolloutError", "all_stations", "announce", "bundle_base_url", "canary_since", "choose_canary",
@@ -67,6 +68,11 @@ def announce(s: Session, publish: Publish, version: str, stations: Sequence[Stat
     payload = ModelAnnouncePayload(version=version, manifest_sha256=info.manifest_sha256,
                                    base_url=bundle_base_url(public_url, version), pinned=pinned, stage=stage,
                                    ts=time.time())
+    model_id = s.execute(select(ModelVersion.id).where(ModelVersion.version == version)).scalar_one()
+    told = datetime.fromtimestamp(payload.ts, UTC)
+    s.add_all([ModelAnnouncement(model_id=model_id, site=sid.site, line=sid.line, station=sid.station, stage=stage,
+                                 pinned=pinned, created_at=told) for sid in stations])
+    s.flush()
     t = topics or Topics()
     data = encode(payload)
     for sid in stations:
@@ -133,10 +139,9 @@ def rollback(s: Session, publish: Publish, version: str, *, public_url: str, act
         raise RolloutError("no production version to roll back to")
     took = {(a.station.site, a.station.line, a.station.station)
             for a in s.scalars(select(Agent).where(Agent.model_version == version))}
-    reason_row = s.execute(select(ModelEvent.reason).join(ModelVersion, ModelEvent.model_id == ModelVersion.id)
-                           .where(ModelVersion.version == version, ModelEvent.status_after == "canary")).first()
-    if reason_row and reason_row[0].startswith("canary on "):
-        took |= {tuple(x.split("/")) for x in reason_row[0][len("canary on "):].split(", ")}  # type: ignore[misc]
+    took |= {(r.site, r.line, r.station) for r in s.execute(  # told it, whether or not they report it yet
+        select(ModelAnnouncement.site, ModelAnnouncement.line, ModelAnnouncement.station)
+        .join(ModelVersion, ModelAnnouncement.model_id == ModelVersion.id).where(ModelVersion.version == version))}
     set_status(s, version, "rejected", actor=actor, reason=reason)
     stations = [StationId(*t) for t in sorted(took)]
     if stations:

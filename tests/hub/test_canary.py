@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from hub.canary import CanaryRule
 from hub.registry import get, register
 from hub.rollout import RolloutError, choose_canary, decide_canary, promote, rollback, start_canary
-from hub.tables import Agent, Station
+from hub.tables import Agent, ModelAnnouncement, ModelEvent, Station
 from lineguard_contract import Detection, StationId, Topics, decode
 from tests.hub.test_rollout import make_version
 
@@ -124,6 +125,24 @@ def test_promote_and_rollback_announce(fleet: Any) -> None:
     assert all(a.version == "1.0.0" and a.pinned and a.stage == "rollback" for _, a in bus.sent)
     with fleet.sessions.begin() as s, pytest.raises(RolloutError, match="rejected"):
         start_canary(s, bus, "1.1.0", public_url=URL, actor="t", share=0.2)  # a rejected version never returns
+
+
+def test_rollback_reaches_every_station_told_the_canary_even_one_not_reporting_it(fleet: Any) -> None:
+    """From the recorded announcements, not the audit text: one canary station's agent still
+    reports production (it was offline when the canary was announced; the retained message waits)."""
+    bus = Bus()
+    with fleet.sessions.begin() as s:
+        canary = start_canary(s, bus, "1.1.0", public_url=URL, actor="t", share=0.3)
+        _agents(s, {sid: ("1.1.0" if sid == canary[0] else "1.0.0") for sid in STATIONS})
+        for ev in s.scalars(select(ModelEvent)):
+            ev.reason = "edited by hand"  # the audit text says nothing about whom to reach
+        told = s.scalars(select(ModelAnnouncement).order_by(ModelAnnouncement.id)).all()
+        assert [(a.site, a.line, a.station, a.stage, a.pinned) for a in told] == [
+            (c.site, c.line, c.station, "canary", False) for c in canary]
+    bus.sent.clear()
+    with fleet.sessions.begin() as s:
+        assert rollback(s, bus, "1.1.0", public_url=URL, actor="ada", reason="canary worse") == len(canary) == 3
+    assert sorted(t for t, _ in bus.sent) == sorted(Topics().station(c, "model") for c in canary)
 
 
 def test_promote_announces_to_every_station(fleet: Any, tmp_path: Path) -> None:
