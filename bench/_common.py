@@ -5,6 +5,7 @@ own folder (bench/) is first on sys.path."""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import socket
 import subprocess
@@ -44,3 +45,22 @@ def emit_json(result: Any, path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def cpu_model() -> str:
+    """The host CPU's model name and its vector extensions that change torch's and ONNX Runtime's
+    speed (the 2-core build machine is not always the same CPU: training speed halved between two
+    sessions, docs/benchmarks.md), e.g. ``AMD EPYC (AVX-512, VNNI)``."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first core's lines: model, then flags
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    ext = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("amx_tile", "AMX"))
+           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    return f"{name} ({', '.join(ext)})" if ext else name

@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import cpu_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lineguard_contract import Detection, SamplePayload, StationId, Topics, decode, encode  # noqa: E402
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     window = t1 - t0
     r: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_start": [round(v, 2) for v in load_start],
                     "load_avg_end": [round(v, 2) for v in load_end]},
         "command": " ".join(["python", *sys.argv]), "db": backend, "workers": args.workers, "agents": args.agents,
@@ -372,13 +373,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     r["ok"] = bool(len(ids) == len(set(ids)) == sent == r["published_ids_stored"] == acked.value
                    == len(set(published_ids)) and dead == 0)
     return r
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
-from _common import emit_json  # noqa: E402
+from _common import cpu_model, emit_json  # noqa: E402
 from _trace import UsageTrace, mean_between  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -289,8 +289,8 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
     limit = 120 if args.device not in (None, "cpu") else 1200
     targets[f"retrain_le_{limit}s"] = retrain_s <= limit
     res["targets"] = targets
-    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                      "device": args.device or "cpu"}
+    res["machine"] = {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                      "python": platform.python_version(), "device": args.device or "cpu"}
     res["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     return res
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import cpu_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from edge_agent.detector import OnnxDetector, detect_pipelined  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> int:
     base = fps["ultralytics_predict_pytorch"]
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "video": str(args.video), "frames": args.frames, "imgsz": imgsz,
         "bundle_version": bundle.manifest.version,
         "fps": {k: round(v, 2) for k, v in fps.items()},
