@@ -31,6 +31,7 @@ import numpy as np
 from models import quantize as q
 from models.bundle import Manifest, Preprocessing, write_bundle
 from models.onnx_meta import metadata_from_manifest_fields, write_metadata
+from models.quant_error import sensitivity
 from models.taxonomy import DEFAULT_CLASSES
 
 __all__ = [
@@ -443,7 +444,7 @@ def build_bundle(
                 frames = q.load_frames(
                     q.select_calibration_images(calib_dir, sensitivity_frames, split=split, seed=1)
                 )
-                quant["deltas"] = q.sensitivity(ctx.outputs["onnx_fp32"], ctx.outputs["onnx_int8"], frames)
+                quant["deltas"] = sensitivity(ctx.outputs["onnx_fp32"], ctx.outputs["onnx_int8"], frames)
                 quant["deltas"]["split"] = split
         if eval_dir is not None:
             metrics = {**_evaluate_outputs(ctx.outputs, Path(eval_dir), eval_split), **(metrics or {})}

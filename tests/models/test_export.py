@@ -21,6 +21,7 @@ from models.bundle import BundleError, load_bundle  # noqa: E402
 from models.export import TARGETS, build_bundle, make_dev_checkpoint  # noqa: E402
 from models.onnx_meta import OnnxMetadataError, check_against_manifest, read_metadata  # noqa: E402
 from models.processing import preprocess_batch  # noqa: E402
+from models.quant_error import sensitivity  # noqa: E402
 from models.taxonomy import DEFAULT_CLASSES  # noqa: E402
 
 IMGSZ = 160
@@ -150,7 +151,7 @@ def test_find_head_tail_derives_detect_layer(built) -> None:
 def test_sensitivity_identity_is_exact(built) -> None:
     frames = q.load_frames(q.list_dataset_images(built["ds"], "val")[:2])
     fp32 = built["dir"] / "model_fp32.onnx"
-    s = q.sensitivity(fp32, fp32, frames)
+    s = sensitivity(fp32, fp32, frames)
     assert s["output_max_abs"] == 0 and s["topk_argmax_agree"] == 1.0
     assert s["cls_cosine"] == pytest.approx(1.0)
 
