@@ -23,8 +23,8 @@ gets :class:`RetrainBusy`). Steps:
    the hub part rebuilt from the new layers (INT8, calibrated on the training data). Skipped for
    an unsplit production.
 6. ``gate``: candidate and production scored on the golden set and on the new reviewed data, a
-   split candidate's parts on the golden set (:mod:`hub.gate`, :mod:`hub.gate_scoring`); the
-   report lands in the job directory and in the bundle directory.
+   split candidate's parts on the golden set (:mod:`hub.retrain_gate`, :mod:`hub.gate`,
+   :mod:`hub.gate_scoring`); the report lands in the job directory and in the bundle directory.
 7. ``sign``: Ed25519 over the manifest (only a candidate that passed the gate is ever signed).
 8. ``register``: in the model registry as ``candidate`` (passed) or ``rejected`` (failed), with the
    training data snapshot and the gate's figures.
@@ -49,11 +49,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.gate import decide, fingerprint, write_report
 from hub.retrain_data import copy_split, dataset_names
+from hub.retrain_gate import JobGate
 from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
 from hub.tables import Sample
-from models.fsutil import atomic_write_json, link_or_copy
+from models.fsutil import atomic_write_json
 
 __all__ = ["STEPS", "JobState", "RetrainBusy", "RetrainError", "RetrainJob", "RetrainSettings", "job_lock",
            "next_version"]
@@ -74,8 +74,7 @@ class RetrainJob:
         self.on_step = on_step
         self.state = JobState.read(self.work / "state.json")
         self._prep: Any = None  # models.split_rebuild.BottleneckPrep, from the train step to the release step
-        self._pool: Any = None  # models.parallel_predict.ScoringPool, from the release step to the end of the run
-        self._scorer: Any = None  # hub.gate_scoring.GateScorer on that pool
+        self._gate: JobGate | None = None  # scoring workers, gate inputs: from the release step to the run's end
 
     @classmethod
     def create(cls, root: Path, settings: RetrainSettings, sessions: sessionmaker[Session], blobs: BlobStore, *,
@@ -127,9 +126,9 @@ class RetrainJob:
                 if self._prep is not None:  # a step failed between starting it and the release
                     self._prep.cancel()
                     self._prep = None
-                if self._pool is not None:
-                    self._pool.close()
-                    self._pool, self._scorer = None, None
+                if self._gate is not None:
+                    self._gate.close()
+                    self._gate = None
             st.finished_at = now()
             self._save()
             return st
@@ -245,9 +244,9 @@ class RetrainJob:
                            parent_version=snap["production_version"],
                            imgsz=(int(snap["input_size"][0]), int(snap["input_size"][1])), overwrite=True,
                            progress=False, workers=self.settings.score_workers,
-                           calib_images=self.settings.calib_images, pool=self._scoring_pool())
+                           calib_images=self.settings.calib_images, pool=self._job_gate().pool())
             if prep is not None:  # fill the wait for the GPU fine-tuning with the gate's whole-model passes
-                self._prefetch_gate(out)
+                self._job_gate().prefetch(out)
         finally:
             if prep is not None:
                 prep.join()
@@ -256,47 +255,11 @@ class RetrainJob:
                                 "redo it", self.state.job_id, prep.exitcode)
         self.state.candidate_version = version
 
-    def _scoring_pool(self) -> Any:
-        """The release's and the gate's scoring workers, spawned once (the first time, while the release
-        exports) and kept to the end of the run; None where one process scores (fewer than 4 cores)."""
-        from models.parallel_predict import ScoringPool, default_workers
-
-        workers = self.settings.score_workers or default_workers()
-        if self._pool is None and workers > 1:
-            self._pool = ScoringPool(workers)
-        return self._pool
-
-    def _gate_scorer(self) -> Any:
-        """The gate's scorer (on the job's scoring pool), kept from the release to the gate."""
-        from hub.gate_scoring import GateScorer
-
-        if self._scorer is None:
-            self._scorer = GateScorer(Path(self.settings.bundles_dir) / ".detections",
-                                      workers=self.settings.score_workers, iou=self.settings.rule.iou,
-                                      pool=self._scoring_pool())
-        return self._scorer
-
-    def _prefetch_gate(self, released: Path) -> None:
-        """Queue the gate's whole-model passes now, reading the candidate from a linked copy of the
-        release in the job's directory: the split step rewrites the bundle directory meanwhile."""
-        snap = self.work / "prefetch"
-        shutil.rmtree(snap, ignore_errors=True)
-        shutil.copytree(released, snap, copy_function=link_or_copy)
-        n = self._gate_scorer().prefetch(*self._gate_inputs(snap))
-        log.info("retrain %s: %d gate passes queued beside the split parts' rebuild", self.state.job_id, n)
-
-    def _gate_inputs(self, cand_dir: Path) -> tuple[Any, str, Any, Any, Any]:
-        """(golden set, its fingerprint, candidate, production, reviewed val data or None), bundles verified."""
-        from models.bundle import load_bundle
-        from models.dataset_io import load_dataset
-
-        cand = load_bundle(cand_dir, roles=("onnx_int8",))
-        prod = load_bundle(Path(self._snapshot()["production_bundle"]), roles=("onnx_int8",))
-        golden = load_dataset(Path(self.settings.golden), splits=["val"])
-        val_dir = self.work / "reviewed" / "images" / "val"
-        reviewed = (load_dataset(self.work / "reviewed", splits=["val"])
-                    if val_dir.is_dir() and any(val_dir.iterdir()) else None)
-        return golden, fingerprint(self.settings.golden), cand, prod, reviewed
+    def _job_gate(self) -> JobGate:
+        if self._gate is None:
+            self._gate = JobGate(self.work, self.settings, Path(self._snapshot()["production_bundle"]),
+                                 self.state.job_id)
+        return self._gate
 
     def _start_bottleneck_prep(self, snap: dict[str, Any], ckpt: Path | None) -> Any:
         """On a GPU hub, the split step's bottleneck work (a GPU fine-tuning when training changed the
@@ -361,24 +324,8 @@ class RetrainJob:
 
     def _step_gate(self) -> None:
         assert self.state.candidate_version
-        cand_dir = Path(self.settings.bundles_dir) / self.state.candidate_version
-        golden, golden_fp, cand, prod, reviewed = self._gate_inputs(cand_dir)
-        scorer = self._gate_scorer()
-        g, g_split, new = scorer.score_all(golden, golden_fp, cand, prod, reviewed)
-        new_c, new_p = new if new is not None else (None, None)
-        result = decide(self.settings.rule, g[0], g[1], new_c, new_p, golden_split=g_split)
-        if new is None:  # nothing shows that the candidate learned what was reviewed: it does not ship
-            result.passed = False
-            result.reasons.append(f"new data: no reviewed sample fell on the validation side "
-                                  f"(val_share {self.settings.val_share}); review more samples")
-        report = write_report(self.work / "gate", result, candidate=cand.manifest.version,
-                              production=prod.manifest.version, golden_fingerprint=golden_fp,
-                              golden=g, new=new, rule=self.settings.rule, golden_split=g_split)
-        shutil.copytree(self.work / "gate", cand_dir.parent / f"{cand_dir.name}.gate", dirs_exist_ok=True)
-        shutil.rmtree(self.work / "prefetch", ignore_errors=True)
+        result = self._job_gate().run(Path(self.settings.bundles_dir) / self.state.candidate_version)
         self.state.gate_passed, self.state.gate_reasons = result.passed, result.reasons
-        log.info("retrain %s: gate %s for %s (%s)", self.state.job_id, "passed" if result.passed else "FAILED",
-                 cand.manifest.version, report)
 
     def _step_sign(self) -> None:
         if not self.state.gate_passed:

@@ -291,9 +291,20 @@ def test_gate_passes_run_while_the_release_waits_for_the_split_bottleneck(
         return real(self, jobs)
 
     monkeypatch.setattr(GateScorer, "_predict", counting)
+    import models.dataset_io
+
+    loads: list[Path] = []
+    real_load = models.dataset_io.load_dataset
+
+    def load_counting(root: Path, *a: Any, **k: Any) -> Any:
+        loads.append(Path(root))
+        return real_load(root, *a, **k)
+
+    monkeypatch.setattr(models.dataset_io, "load_dataset", load_counting)
     with caplog.at_level(logging.INFO, logger="hub"):
         st = job.run()
     assert st.steps_done == list(STEPS) and st.status == "rejected", st
+    assert loads.count(Path(settings.golden)) == 1  # read once for the queued passes and the gate
     assert waited == [True]  # the release's snapshot for the queued passes was there while it waited
     # golden set: candidate and production (no cache yet); reviewed data: both
     assert "4 gate passes queued" in caplog.text and "4 whole-model passes were queued early" in caplog.text
