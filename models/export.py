@@ -6,18 +6,15 @@ embedding LineGuard metadata (:mod:`models.onnx_meta`). :func:`build_bundle` run
 and writes the bundle (:mod:`models.bundle`) with the (optimizer-stripped) checkpoint.
 
 torch and ultralytics are imported lazily, inside functions, and always after
-:func:`ultralytics_offline` has made sure Ultralytics never pip-installs or downloads anything:
-``YOLO_OFFLINE=1`` (its ``ONLINE`` flag is False, so AutoUpdate is skipped) and
-``YOLO_AUTOINSTALL=false`` (``check_requirements`` returns instead of installing); if it was
-imported before that, the module-level flags are patched too. The packages the ONNX export
-needs (onnx, onnxslim, onnxruntime) are checked up front so a missing one is a clear error.
+:func:`models.offline.configure_offline` has made sure Ultralytics never pip-installs or
+downloads anything. The packages the ONNX export needs (onnx, onnxslim, onnxruntime) are checked
+up front so a missing one is a clear error. Checkpoints (facts, stripping, a dev model) are
+:mod:`models.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -26,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-
 from models import quantize as q
 from models.bundle import Manifest, Preprocessing, write_bundle
+from models.checkpoint import checkpoint_info, strip_checkpoint
+from models.offline import configure_offline
 from models.onnx_meta import metadata_from_manifest_fields, write_metadata
 from models.quant_error import sensitivity
-from models.taxonomy import DEFAULT_CLASSES
 
 __all__ = [
     "ONNX_OPSET",
@@ -42,12 +38,8 @@ __all__ = [
     "ExportTarget",
     "StepResult",
     "build_bundle",
-    "checkpoint_info",
     "export_onnx_fp32",
-    "make_dev_checkpoint",
     "run_targets",
-    "strip_checkpoint",
-    "ultralytics_offline",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,22 +53,7 @@ class ExportError(RuntimeError):
     """An export step failed or produced an unusable file."""
 
 
-# --------------------------------------------------------------------------- ultralytics guard
-
-
-def ultralytics_offline() -> None:
-    """Make Ultralytics unable to pip-install or download, whenever it is (or was) imported."""
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ["YOLO_AUTOINSTALL"] = "false"
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(tempfile.gettempdir()) / "lineguard_yolo_cfg"))
-    import sys
-
-    if "ultralytics.utils" in sys.modules:  # imported before us: env vars were read already
-        import ultralytics.utils as uu
-        import ultralytics.utils.checks as uc
-
-        uu.ONLINE = uc.ONLINE = False
-        uu.AUTOINSTALL = uc.AUTOINSTALL = False
+# --------------------------------------------------------------------------- Ultralytics
 
 
 def _require(*modules: str) -> None:
@@ -91,124 +68,10 @@ def _require(*modules: str) -> None:
 
 
 def _yolo(checkpoint: str | Path):
-    ultralytics_offline()
+    configure_offline()
     from ultralytics import YOLO
 
     return YOLO(str(checkpoint), task="detect")
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _torch_load(path: str | Path) -> dict[str, Any]:
-    import torch
-
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ExportError(f"{path}: not an Ultralytics checkpoint (no 'model' entry)")
-    return ckpt
-
-
-def checkpoint_info(checkpoint: str | Path) -> dict[str, Any]:
-    """Class names (id order) and training facts of an Ultralytics checkpoint."""
-    ultralytics_offline()
-    ckpt = _torch_load(checkpoint)
-    model = ckpt.get("ema") or ckpt["model"]
-    names = getattr(model, "names", None) or {}
-    ids = sorted(names) if isinstance(names, dict) else range(len(names))
-    classes = [str(names[i]) for i in ids]
-    args = dict(ckpt.get("train_args") or {})
-    training = {
-        k: args[k] for k in ("data", "epochs", "imgsz", "batch", "optimizer", "seed", "model") if k in args
-    }
-    for k in ("epoch", "best_fitness", "date", "version"):
-        if ckpt.get(k) is not None:
-            training["ultralytics_version" if k == "version" else k] = ckpt[k]
-    metrics = {k: float(v) for k, v in (ckpt.get("train_metrics") or {}).items()
-               if v is not None and math.isfinite(float(v))}
-    if metrics:  # a training without validation has none (NaN, fitness None)
-        training["train_metrics"] = metrics
-    return {
-        "classes": classes,
-        "imgsz": args.get("imgsz"),
-        "has_optimizer": ckpt.get("optimizer") is not None,
-        "has_ema": ckpt.get("ema") is not None,
-        "training": training,
-    }
-
-
-def strip_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Copy ``src`` to ``dst`` without optimizer/EMA state (Ultralytics' ``strip_optimizer``).
-
-    A ``best.pt`` from a finished Ultralytics training is already stripped and is copied as is.
-    """
-    src, dst = Path(src), Path(dst)
-    info = checkpoint_info(src)
-    if info["has_optimizer"] or info["has_ema"]:
-        from ultralytics.utils.torch_utils import strip_optimizer
-
-        strip_optimizer(str(src), str(dst))
-        log.info("stripped optimizer/EMA state: %s -> %s", src, dst)
-    else:
-        shutil.copyfile(src, dst)
-    return dst
-
-
-def make_dev_checkpoint(
-    path: str | Path,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    *,
-    cfg: str = "yolov8n.yaml",
-    seed: int = 0,
-    bn_frames: Sequence[np.ndarray] | None = None,
-    imgsz: int = 640,
-) -> Path:
-    """A random-init (0 epochs) YOLO detector checkpoint with ``len(classes)`` classes.
-
-    Saved with ``YOLO.save`` (the same dict layout Ultralytics' trainer writes, FP16 weights).
-    A purely random-init YOLOv8 emits a constant output (head biases only): every deep feature
-    is ~0 with default BatchNorm statistics. ``bn_frames`` (BGR images) re-estimates BatchNorm
-    running statistics on them (no weight is trained), which makes the outputs depend on the
-    input, so quantization error can actually be measured on a dev model.
-    """
-    ultralytics_offline()
-    import torch
-    import yaml
-    from ultralytics import YOLO
-    from ultralytics.utils import ROOT
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    base = yaml.safe_load((ROOT / "cfg" / "models" / "v8" / "yolov8.yaml").read_text())
-    if cfg.startswith("yolov8") and cfg.endswith(".yaml"):
-        base["nc"] = len(classes)
-        with tempfile.TemporaryDirectory(prefix="lg_cfg_") as tmp:
-            cfg_path = Path(tmp) / cfg  # the file stem carries the scale ('n') for Ultralytics
-            cfg_path.write_text(yaml.safe_dump(base))
-            # Any: ultralytics infers Model.model as "str | None"; it is the nn.Module once built.
-            model: Any = YOLO(str(cfg_path), task="detect")
-    else:
-        raise ExportError(f"unsupported dev cfg {cfg!r} (a yolov8[nsmlx].yaml name)")
-    model.model.names = dict(enumerate(classes))
-    if bn_frames:
-        from models.processing import preprocess_batch
-
-        net = model.model
-        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the frames
-        net.train()
-        with torch.no_grad():
-            for i in range(0, len(bn_frames), 8):
-                x, _ = preprocess_batch(list(bn_frames[i : i + 8]), imgsz)
-                net(torch.from_numpy(x))
-        for bn in bns:
-            bn.momentum = 0.03
-        net.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path))
-    return path
 
 
 # --------------------------------------------------------------------------- export steps

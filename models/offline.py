@@ -1,7 +1,8 @@
 """Make Ultralytics work with no network: no asset, font, weights or settings downloads.
 
 Call :func:`configure_offline` before the first ``import ultralytics`` (its settings are
-read at import time), then :func:`patch_ultralytics` after it. What each step prevents:
+read at import time; called after it, it sets the flags Ultralytics read), then
+:func:`patch_ultralytics` after it. What each step prevents:
 
 - ``YOLO_OFFLINE=1``: ``ultralytics.utils.is_online()`` answers False without a DNS probe,
   so usage events and pip-update checks are skipped.
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,12 @@ def configure_offline(config_dir: Path | None = None) -> Path:
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     os.environ.setdefault("YOLO_VERBOSE", "true")
     _place_fonts(config_dir)
+    if "ultralytics.utils" in sys.modules:  # imported before this: it read the environment already
+        import ultralytics.utils as uu
+        import ultralytics.utils.checks as uc
+
+        uu.ONLINE = uc.ONLINE = False
+        uu.AUTOINSTALL = uc.AUTOINSTALL = False
     return config_dir
 
 

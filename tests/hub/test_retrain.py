@@ -51,7 +51,8 @@ def _dataset(root: Path, splits: dict[str, int], seed: int) -> Path:
 @pytest.fixture(scope="module")
 def production_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models import quantize as q
-    from models.export import build_bundle, make_dev_checkpoint
+    from models.checkpoint import make_dev_checkpoint
+    from models.export import build_bundle
 
     os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo_cfg")))
     root = tmp_path_factory.mktemp("prod")

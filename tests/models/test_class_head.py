@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
+from models.checkpoint import make_dev_checkpoint  # noqa: E402
 from models.class_head import widen_class_head  # noqa: E402
-from models.export import make_dev_checkpoint  # noqa: E402
 from models.split_rebuild import layers_changed  # noqa: E402
 from models.taxonomy import DEFAULT_CLASSES  # noqa: E402
 

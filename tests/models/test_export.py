@@ -18,7 +18,8 @@ import cv2  # noqa: E402
 
 from models import quantize as q  # noqa: E402
 from models.bundle import BundleError, load_bundle  # noqa: E402
-from models.export import TARGETS, build_bundle, make_dev_checkpoint  # noqa: E402
+from models.checkpoint import make_dev_checkpoint  # noqa: E402
+from models.export import TARGETS, build_bundle  # noqa: E402
 from models.onnx_meta import OnnxMetadataError, check_against_manifest, read_metadata  # noqa: E402
 from models.processing import preprocess_batch  # noqa: E402
 from models.quant_error import sensitivity  # noqa: E402

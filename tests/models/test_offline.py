@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -75,3 +76,24 @@ def test_restore_returns_the_count_it_found() -> None:
         assert torch.get_num_threads() >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_configure_offline_after_ultralytics_was_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ultralytics reads its flags from the environment at import: imported first, it still ends offline."""
+    pytest.importorskip("ultralytics")
+    import ultralytics.utils as uu
+    import ultralytics.utils.checks as uc
+
+    from models.offline import configure_offline
+
+    for key in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_CONFIG_DIR", "YOLO_VERBOSE"):  # as they were, after
+        had = os.environ.get(key)
+        monkeypatch.setenv(key, had or "")
+        if had is None:
+            monkeypatch.delenv(key)
+    for mod in (uu, uc):
+        monkeypatch.setattr(mod, "ONLINE", True)
+        monkeypatch.setattr(mod, "AUTOINSTALL", True)
+    configure_offline(tmp_path / "cfg")
+    assert (uu.ONLINE, uc.ONLINE, uu.AUTOINSTALL, uc.AUTOINSTALL) == (False, False, False, False)
+    assert (tmp_path / "cfg" / "Arial.ttf").is_file()  # the fonts Ultralytics' plots ask for, placed
