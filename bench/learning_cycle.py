@@ -47,7 +47,7 @@ from tqdm import tqdm  # noqa: E402
 from hub.gate import GateRule, mapped_predictor, score  # noqa: E402
 from hub.gate_scoring import operating_conf  # noqa: E402
 from hub.retrain import RetrainJob, RetrainSettings  # noqa: E402
-from models.bundle import Bundle, load_bundle  # noqa: E402
+from models.bundle import Bundle, load_bundle, write_bundle  # noqa: E402
 from models.dataset_io import YoloDataset, load_dataset  # noqa: E402
 from models.onnx_predict import OnnxPredictor  # noqa: E402
 from models.synth import generate_dataset  # noqa: E402
@@ -139,6 +139,18 @@ def _scores(bundle: Bundle, field: YoloDataset) -> dict[str, Any]:
     return out
 
 
+def _without_split(production: Path, out: Path) -> Path:
+    """``production``'s whole model as a bundle of its own, without split parts (a fleet without split agents)."""
+    roles = ("onnx_fp32", "onnx_int8", "checkpoint")
+    b = load_bundle(production, roles=roles)
+    m = b.manifest
+    write_bundle(out, name=m.name, version=m.version, parent_version=m.parent_version, classes=m.classes,
+                 input_size=m.input_size, files={r: b.path(r) for r in roles}, preprocessing=m.preprocessing,
+                 postprocessing=m.postprocessing, quantization=m.quantization, metrics=m.metrics,
+                 training=m.training, overwrite=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     line = get_line(args.line)
     work = Path(args.work).resolve() / line.name
@@ -149,9 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (field_dir / "data.yaml").exists():
         generate_dataset(field_dir, seed=args.seed, preset="field", line=line)
     field = load_dataset(field_dir, splits=["train", "test"])
-    prod = load_bundle(Path(args.production), roles=("onnx_int8",))
+    production = _without_split(Path(args.production), work / "production") if args.no_split else Path(args.production)
+    prod = load_bundle(production, roles=("onnx_int8",))
 
-    sessions, blobs = _build_hub(work, Path(args.production).resolve())
+    sessions, blobs = _build_hub(work, production.resolve())
     t0 = time.perf_counter()
     ids = _send_samples(sessions, blobs, field, args.reviews, prod, line.name)
     review = _review(sessions, field, ids)
@@ -263,7 +276,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
-                    "set": args.set, "epochs": args.epochs,
+                    "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device,
                     "replay_images": args.replay_images, "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
@@ -300,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--line", required=True, choices=["porosity", "cover"])
     p.add_argument("--reviews", type=int, default=200, help="frames QA staff review (<= 200 for the target)")
     p.add_argument("--production", default=str(ROOT / "models" / "default"))
+    p.add_argument("--no-split", action="store_true",
+                   help="production without its split parts: a fleet without split agents (no split step)")
     p.add_argument("--golden", default=str(ROOT / "data" / "synth" / "dataset"), help="golden set (its val split)")
     p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset, train split)")
     p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
