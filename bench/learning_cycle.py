@@ -127,7 +127,7 @@ def _review(sessions: Any, field: YoloDataset, ids: list[str]) -> dict[str, int]
     return counts
 
 
-def _scores(bundle: Bundle, field: YoloDataset) -> dict[str, Any]:
+def field_scores(bundle: Bundle, field: YoloDataset) -> dict[str, Any]:
     sc = score(_predictor(bundle, list(field.names)), field, "test", operating_conf(bundle), progress=True)
     out = sc.to_dict()
     out.pop("confusion")
@@ -151,6 +151,32 @@ def _without_split(production: Path, out: Path) -> Path:
     return out
 
 
+def _replay_data(golden: Path, out: Path, val_frames: int) -> Path:
+    """What production was trained on, as a hub's replay data: the golden set's dataset's train split
+    (the default model's first training frames), and for validation ``val_frames`` frames of the
+    default line's held-out test split (seed 0). Not the golden set's val split: a job leaves
+    golden-set images out, so that split would give it no replay validation at all (sixteenth session;
+    runs before it validated on 150 golden frames)."""
+    if (out / "data.yaml").exists():
+        return out
+    from models.synth.dataset import DatasetPreset
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    render = generate_dataset(tmp / "render", seed=0, preset=DatasetPreset("replay-val", 0, 0, val_frames),
+                              progress=False)
+    for kind in ("images", "labels", "parts"):
+        (tmp / kind).mkdir(parents=True)
+        (tmp / kind / "train").symlink_to((golden / kind / "train").resolve(), target_is_directory=True)
+        (render / kind / "test").rename(tmp / kind / "val")
+    shutil.rmtree(render)
+    names = yaml.safe_load((golden / "data.yaml").read_text())["names"]
+    (tmp / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
+                                                   "names": names}, sort_keys=False))
+    tmp.rename(out)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     line = get_line(args.line)
     work = Path(args.work).resolve() / line.name
@@ -161,6 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (field_dir / "data.yaml").exists():
         generate_dataset(field_dir, seed=args.seed, preset="field", line=line)
     field = load_dataset(field_dir, splits=["train", "test"])
+    # rendered before any thread starts here (the synthesizer's worker processes are forked)
+    replay = (Path(args.replay).resolve() if args.replay else
+              _replay_data(Path(args.golden).resolve(), work.parent / "replay", args.replay_images // 4))
     production = _without_split(Path(args.production), work / "production") if args.no_split else Path(args.production)
     prod = load_bundle(production, roles=("onnx_int8",))
 
@@ -183,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
-        replay_data=Path(args.replay or args.golden).resolve(), replay_images=args.replay_images,
+        replay_data=replay, replay_images=args.replay_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
         val_share=args.val_share, split_retune_steps=args.split_retune_steps, rule=GateRule(
             max_recall_drop=args.max_recall_drop / 100,
@@ -199,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     job = work / "jobs" / state.job_id
     gate = json.loads((job / "gate" / "gate.json").read_text())
     cand = load_bundle(work / "bundles" / str(state.candidate_version), roles=("onnx_int8",))
-    before, after = _scores(prod, field), _scores(cand, field)
+    before, after = field_scores(prod, field), field_scores(cand, field)
     res = _summary(args, line.name, review, t_ingest, state, retrain_s, gate, before, after, job)
     split = cand.manifest.split or {}
     res["retrain"]["split"] = {"metrics": split.get("metrics"),
@@ -316,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-split", action="store_true",
                    help="production without its split parts: a fleet without split agents (no split step)")
     p.add_argument("--golden", default=str(ROOT / "data" / "synth" / "dataset"), help="golden set (its val split)")
-    p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset, train split)")
+    p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset's train split "
+                   "and frames of the default line's test split for validation)")
     p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
     p.add_argument("--preset", default="retrain")
     p.add_argument("--epochs", type=int, default=None)

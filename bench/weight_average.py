@@ -3,7 +3,7 @@
 Reads a finished ``bench/learning_cycle.py`` run (its ``--work`` and ``--line``), and for each
 start weight ``a`` in ``--weights`` writes ``(1 - a) * tuned + a * production``
 (:func:`models.weight_average.average_checkpoints`), releases it as the job would (INT8, operating
-threshold on the job's validation split), runs the job's gate on it (golden set against production,
+threshold on the job's validation split; no split parts), runs the job's gate on it (golden set against production,
 the reviewed validation data) and scores it on the line's held-out test frames. ``a = 0`` is the
 job's own candidate, released again (the control).
 
@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import cpu_model, emit_json  # noqa: E402
-from learning_cycle import _scores  # noqa: E402
+from learning_cycle import field_scores  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hub.gate import GateRule  # noqa: E402
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             gate.close()
         report = json.loads((work / "gate" / "gate.json").read_text())
         g_c, g_p = report["golden"]["candidate"], report["golden"]["production"]
-        after = _scores(load_bundle(bundle_dir, roles=("onnx_int8",)), field)
+        after = field_scores(load_bundle(bundle_dir, roles=("onnx_int8",)), field)
         row: dict[str, Any] = {
             "start_weight": a, "seconds": round(time.perf_counter() - t0, 1),
             "gate_passed": result.passed, "gate_reasons": result.reasons,

@@ -10,7 +10,8 @@ gets :class:`RetrainBusy`). Steps:
 2. ``dataset``: the reviewed samples as a YOLO dataset (the production model's classes first,
    classes reviewers added after them: a new defect class gets the next id), plus a replay buffer
    of ``replay_images`` earlier images (the dataset the production model was trained on), so that
-   old classes are not forgotten.
+   old classes are not forgotten. An image whose bytes are a golden-set image's is left out
+   (counted in ``dataset.json``, logged): the gate scores only frames the candidate never saw.
 3. ``train``: Ultralytics, starting from the production checkpoint; a new class widens the class
    head first (:func:`models.class_head.widen_class_head`: the old classes' weights kept).
    ``retrain`` trains every layer; ``retrain-cpu`` trains layers 5+ on crops (:mod:`models.crops`); ``auto``
@@ -49,7 +50,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.retrain_data import copy_split, dataset_names
+from hub.retrain_data import copy_split, dataset_names, image_hashes
 from hub.retrain_gate import JobGate
 from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
 from hub.tables import Sample
@@ -173,9 +174,11 @@ class RetrainJob:
         out = self.work / "train_data"
         tmp = self.work / "train_data.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        counts: dict[str, dict[str, int]] = {"reviewed": {}, "replay": {}}
+        counts: dict[str, dict[str, int]] = {"reviewed": {}, "replay": {}, "golden_left_out": {}}
+        golden = image_hashes(Path(self.settings.golden))  # never trained on, nor validated on
         for split in ("train", "val"):
-            counts["reviewed"][split] = copy_split(reviewed, split, tmp, names, names)
+            counts["reviewed"][split], left = copy_split(reviewed, split, tmp, names, names, exclude=golden)
+            counts["golden_left_out"][f"reviewed_{split}"] = left
         if self.settings.replay_data is not None:
             replay = Path(self.settings.replay_data)
             rnames = dataset_names(replay)
@@ -183,8 +186,14 @@ class RetrainJob:
             if unknown:
                 raise RetrainError(f"replay data {replay} has classes {unknown} the model does not know")
             for split, share in (("train", 1.0), ("val", 0.25)):
-                counts["replay"][split] = copy_split(replay, split, tmp, rnames, names, prefix=REPLAY_PREFIX,
-                                                      limit=int(self.settings.replay_images * share))
+                counts["replay"][split], left = copy_split(
+                    replay, split, tmp, rnames, names, prefix=REPLAY_PREFIX,
+                    limit=int(self.settings.replay_images * share), exclude=golden)
+                counts["golden_left_out"][f"replay_{split}"] = left
+        if any(counts["golden_left_out"].values()):
+            log.warning("retrain %s: %s images are golden-set images (%s): left out of training and validation, "
+                        "so the gate scores only frames the candidate never saw", self.state.job_id,
+                        sum(counts["golden_left_out"].values()), counts["golden_left_out"])
         crop, train_split = PRESETS[self._preset_name()].crop, "train"
         if crop is not None:  # the CPU preset trains on crops of the frames at the model's scale
             train_split = "train_crops"

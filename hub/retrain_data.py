@@ -1,15 +1,24 @@
 """Assembling a retraining dataset: splits copied between YOLO datasets with class ids remapped
-by name (the reviewed export and the replay buffer into one training set)."""
+by name (the reviewed export and the replay buffer into one training set).
+
+The golden set stays out of it: an image whose bytes are a golden-set image's (whatever its name)
+is not copied, so the gate never scores a frame the candidate was trained, or had its operating
+threshold picked, on (:func:`image_hashes`, ``copy_split(exclude=...)``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
 
-__all__ = ["copy_split", "dataset_names"]
+__all__ = ["IMAGE_SUFFIXES", "copy_split", "dataset_names", "image_hashes"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def dataset_names(root: Path) -> list[str]:
@@ -17,12 +26,42 @@ def dataset_names(root: Path) -> list[str]:
     return list(raw.values()) if isinstance(raw, dict) else list(raw)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _images(root: Path, split: str) -> list[Path]:
+    return sorted(p for p in (root / "images" / split).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_hashes(root: Path, split: str = "val") -> set[str]:
+    """SHA-256 of every image of ``root``'s ``split`` (the golden set: its val split)."""
+    return {_sha256(p) for p in _images(root, split)}
+
+
 def copy_split(src: Path, split: str, dst: Path, src_names: list[str], dst_names: list[str], *,
-                limit: int | None = None, prefix: str = "") -> int:
-    """Images of ``src``'s ``split`` (and their labels, class ids remapped by name) into ``dst``."""
-    images = sorted(p for p in (src / "images" / split).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if limit is not None and len(images) > limit:
-        images = sorted(random.Random(0).sample(images, limit))
+               limit: int | None = None, prefix: str = "", exclude: Collection[str] = ()) -> tuple[int, int]:
+    """Images of ``src``'s ``split`` (and their labels, class ids remapped by name) into ``dst``;
+    returns (copied, left out). ``limit``: at most that many, a seeded draw; ``exclude``: SHA-256s
+    of images never to copy (the draw goes on past them until ``limit`` is reached)."""
+    images = _images(src, split)
+    if limit is not None and len(images) > limit:  # the draw, then the rest in a seeded order to top it up
+        rng = random.Random(0)
+        pick = rng.sample(images, limit)
+        chosen = set(pick)
+        others = [p for p in images if p not in chosen]
+        rng.shuffle(others)
+        images = pick + others
+    taken: list[Path] = []
+    left_out = 0
+    for img in images:
+        if limit is not None and len(taken) >= limit:
+            break
+        if exclude and _sha256(img) in exclude:
+            left_out += 1
+        else:
+            taken.append(img)
+    images = sorted(taken)
     remap = {i: dst_names.index(n) for i, n in enumerate(src_names)}
     (dst / "images" / split).mkdir(parents=True, exist_ok=True)
     (dst / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -40,4 +79,4 @@ def copy_split(src: Path, split: str, dst: Path, src_names: list[str], dst_names
         if parts.exists():
             (dst / "parts" / split).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(parts, dst / "parts" / split / f"{prefix}{img.stem}.json")
-    return len(images)
+    return len(images), left_out

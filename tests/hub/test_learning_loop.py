@@ -107,10 +107,15 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
                                    rule=GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0,
                                                  max_false_alarm_rise=None))
         # as `lineguard-hub retrain` does: IMMEDIATE transactions on SQLite (the ingest worker writes meanwhile)
-        st = RetrainJob.create(tmp_path / "jobs", settings, make_session_factory(engine, immediate=True),
-                               hub_store.blobs).run()
+        job = RetrainJob.create(tmp_path / "jobs", settings, make_session_factory(engine, immediate=True),
+                                hub_store.blobs)
+        st = job.run()
         assert st.steps_done[-1] == "register"
         assert st.status == "succeeded" and st.candidate_version == "1.3.0", st
+        # the replay data here is the golden set's own dataset: its val frames are the golden set, left out
+        counts = json.loads((job.work / "dataset.json").read_text())["counts"]
+        assert counts["replay"]["val"] == 0 and counts["golden_left_out"]["replay_val"] > 0, counts
+        assert counts["replay"]["train"] == 8 and counts["golden_left_out"]["replay_train"] == 0, counts
         # 4. canary to the agent's station -> fetch, verify, install, swap
         writes = make_session_factory(engine, immediate=True)
         with writes.begin() as s, RetainedPublisher(config.mqtt, "hub-test-rollout") as bus:

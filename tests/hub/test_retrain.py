@@ -141,6 +141,7 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
     assert (job.work / "start.pt").is_file()  # the class head was widened before training
     assert data["counts"]["replay"]["train"] == 8 and sum(data["counts"]["reviewed"].values()) == 13
+    assert not any(data["counts"]["golden_left_out"].values())  # golden and replay: two datasets
     # the preset trains on crops of the training frames (beside them: the release calibrates on frames)
     train_frames = data["counts"]["replay"]["train"] + data["counts"]["reviewed"]["train"]
     assert data["counts"]["crops"]["frames"] == train_frames <= data["counts"]["crops"]["crops"]
