@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["IMAGE_SUFFIXES", "copy_split", "dataset_names", "image_hashes"]
+from models.dataset_io import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+__all__ = ["copy_split", "dataset_names", "image_hashes"]
 
 
 def dataset_names(root: Path) -> list[str]:
