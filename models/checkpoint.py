@@ -16,7 +16,8 @@ import numpy as np
 from models.offline import configure_offline
 from models.taxonomy import DEFAULT_CLASSES
 
-__all__ = ["CheckpointError", "checkpoint_info", "make_dev_checkpoint", "strip_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_info", "checkpoint_model", "load_checkpoint", "make_dev_checkpoint",
+           "model_classes", "strip_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class CheckpointError(ValueError):
     """Not an Ultralytics checkpoint, or a dev model this module cannot build."""
 
 
-def _torch_load(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """An Ultralytics checkpoint's dict (torch, on the CPU); :class:`CheckpointError` when it is not one."""
     import torch
 
     ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
@@ -34,14 +36,23 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_model(ckpt: dict[str, Any]) -> Any:
+    """The network a checkpoint's weights are read from: its EMA when training left one, else ``model``."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def model_classes(model: Any) -> list[str]:
+    """A detection model's class names in id order."""
+    names = getattr(model, "names", None) or {}
+    ids = sorted(names) if isinstance(names, dict) else range(len(names))
+    return [str(names[i]) for i in ids]
+
+
 def checkpoint_info(checkpoint: str | Path) -> dict[str, Any]:
     """Class names (id order) and training facts of an Ultralytics checkpoint."""
     configure_offline()
-    ckpt = _torch_load(checkpoint)
-    model = ckpt.get("ema") or ckpt["model"]
-    names = getattr(model, "names", None) or {}
-    ids = sorted(names) if isinstance(names, dict) else range(len(names))
-    classes = [str(names[i]) for i in ids]
+    ckpt = load_checkpoint(checkpoint)
+    classes = model_classes(checkpoint_model(ckpt))
     args = dict(ckpt.get("train_args") or {})
     training = {
         k: args[k] for k in ("data", "epochs", "imgsz", "batch", "optimizer", "seed", "model") if k in args

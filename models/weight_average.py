@@ -16,20 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, checkpoint_model, load_checkpoint, model_classes
 from models.offline import configure_offline
 
 __all__ = ["average_checkpoints"]
-
-
-def _module(ckpt: dict[str, Any]) -> Any:
-    return ckpt.get("ema") or ckpt["model"]
-
-
-def _names(model: Any) -> list[str]:
-    names = getattr(model, "names", None) or {}
-    ids = sorted(names) if isinstance(names, dict) else range(len(names))
-    return [str(names[i]) for i in ids]
 
 
 def average_checkpoints(start: str | Path, tuned: str | Path, start_weight: float, out: str | Path) -> Path:
@@ -46,13 +36,9 @@ def average_checkpoints(start: str | Path, tuned: str | Path, start_weight: floa
     import torch
 
     a = float(start_weight)
-    ck_s = torch.load(str(start), map_location="cpu", weights_only=False)
-    ck_t = torch.load(str(tuned), map_location="cpu", weights_only=False)
-    for p, ck in ((start, ck_s), (tuned, ck_t)):
-        if not isinstance(ck, dict) or "model" not in ck:
-            raise CheckpointError(f"{p}: not an Ultralytics checkpoint (no 'model' entry)")
-    m_s, m_t = _module(ck_s), _module(ck_t)
-    old, new = _names(m_s), _names(m_t)
+    ck_s, ck_t = load_checkpoint(start), load_checkpoint(tuned)
+    m_s, m_t = checkpoint_model(ck_s), checkpoint_model(ck_t)
+    old, new = model_classes(m_s), model_classes(m_t)
     if new[: len(old)] != old:
         raise CheckpointError(f"the tuned model's classes {new} do not start with the start model's {old}")
     sd_s, sd_t = m_s.state_dict(), m_t.state_dict()
