@@ -295,6 +295,15 @@ def _with_signing_key(settings: RetrainSettings, work: Path) -> RetrainSettings:
     return replace(settings, signing_key=priv)
 
 
+def _called_new_class(cand: dict[str, Any], prod: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Golden boxes (by true class, ``background`` for no box) the candidate called a class production
+    does not know, from the candidate's golden confusion matrix (the gate keeps those detections)."""
+    cm, names = cand["confusion"], cand["names"]
+    rows = [*names, "background"]
+    return {new: {rows[i]: int(cm[i][j]) for i in range(len(rows)) if cm[i][j]}
+            for j, new in enumerate(names) if new not in prod["names"]}
+
+
 def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_ingest: float, state: Any,
              retrain_s: float, gate: dict[str, Any], before: dict[str, Any], after: dict[str, Any],
              job: Path) -> dict[str, Any]:
@@ -314,7 +323,8 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
                    "recall_production": g_p["recall_at_operating"], "recall_candidate": g_c["recall_at_operating"],
                    "part_false_alarms": next((c for c in gate["checks"] if c["check"] == "golden part false alarms"),
                                              None),
-                   "split_parts": next((c for c in gate["checks"] if c["check"] == "golden split mAP50"), None)},
+                   "split_parts": next((c for c in gate["checks"] if c["check"] == "golden split mAP50"), None),
+                   "called_new_class": _called_new_class(g_c, g_p)},
         "field_test": {"production": before, "candidate": after},
     }
     targets: dict[str, Any] = {"golden_map50_drop_le_1pt": res["golden"]["map50_change_points"] >= -1.0}

@@ -8,7 +8,8 @@ Both the candidate and the current production model are scored on the same two s
 - the **new data**: the validation side of the reviewed samples this retraining learned from.
 
 Per class, recall is taken at each model's own operating threshold (``operating_conf`` of its
-manifest: what the line experiences), plus AP50 and the confusion matrix there. The rule
+manifest: what the line experiences), plus AP50 and the confusion matrix there; a candidate's
+classes the set lacks are kept as columns of their own (:func:`score_model_detections`). The rule
 (:class:`GateRule`): on the golden set no class that production knows loses more than
 ``max_recall_drop`` (1 point by default) of recall, its part false-alarm rate rises by at most
 ``max_false_alarm_rise``, a split candidate's two parts lose at most ``max_split_map50_drop`` of
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from models.fsutil import atomic_write_bytes
 from models.metrics import ApResult, DetectionMetrics, box_iou, match_predictions
 
 __all__ = ["GateResult", "GateRule", "Scored", "decide", "fingerprint", "map_classes", "mapped_predictor", "score",
-           "score_detections", "write_report"]
+           "score_detections", "score_model_detections", "scoring_names", "write_report"]
 
 Predict = Callable[..., list[Detections]]
 
@@ -136,6 +137,25 @@ def map_classes(dets: list[Any], model_names: list[str], dataset_names: list[str
         d.class_ids[:] = [to[int(c)] for c in d.class_ids]
         out.append(d)
     return out
+
+
+def scoring_names(model_names: Sequence[str], dataset_names: Sequence[str]) -> list[str]:
+    """The dataset's class names, then the model's classes the dataset lacks (in the model's order)."""
+    return [*dataset_names, *(n for n in model_names if n not in dataset_names)]
+
+
+def score_model_detections(dataset: YoloDataset, split: str, dets: list[Detections], model_names: Sequence[str],
+                           operating_conf: float, *, iou: float = 0.5) -> Scored:
+    """:func:`score_detections` for detections in a model's own class ids. Classes the model knows
+    and the dataset does not (a class added since the golden set was made) are **kept**, after the
+    dataset's: a true crack the candidate calls porosity shows in the confusion matrix as
+    crack -> porosity (not as a miss beside nothing), and a porosity box on a good part counts as the
+    false alarm the line would raise. Per-class AP and recall are taken over the dataset's classes
+    with instances, so mAP is the same as with those detections dropped."""
+    names = scoring_names(model_names, dataset.names)
+    if names != list(dataset.names):
+        dataset = replace(dataset, names=names)
+    return score_detections(dataset, split, map_classes(dets, list(model_names), names), operating_conf, iou=iou)
 
 
 def mapped_predictor(predict: Callable[..., Any], model_names: list[str],

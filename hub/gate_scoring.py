@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hub.gate import Scored, map_classes, score_detections
+from hub.gate import Scored, score_model_detections
 from models.bundle import Bundle
 from models.dataset_io import YoloDataset
 from models.detections import Detections
@@ -61,8 +61,7 @@ class GateScorer:
                             workers=self.workers, pool=self.pool)
 
     def _score(self, dataset: YoloDataset, b: Bundle, dets: list[Detections]) -> Scored:
-        dets = map_classes(dets, list(b.manifest.classes), list(dataset.names))
-        return score_detections(dataset, "val", dets, operating_conf(b), iou=self.iou)
+        return score_model_detections(dataset, "val", dets, list(b.manifest.classes), operating_conf(b), iou=self.iou)
 
     def score_all(self, golden: YoloDataset, golden_key: str, cand: Bundle, prod: Bundle,
                   reviewed: YoloDataset | None = None) -> GateScores:

@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 import yaml
 
-from hub.gate import GateRule, decide, fingerprint, score, write_report
+from hub.gate import (
+    GateRule,
+    decide,
+    fingerprint,
+    map_classes,
+    score,
+    score_detections,
+    score_model_detections,
+    write_report,
+)
 from models.dataset_io import load_dataset
 from models.detections import Detections
+from models.evaluate import predict_split
 
 NAMES = ["scratch", "crack", "dent"]
 # per image (index = pixel value): true boxes (cls, x1, y1, x2, y2) in a 200x100 image
@@ -36,9 +46,9 @@ def write(root: Path, truth: dict[int, list[tuple[float, ...]]] = TRUTH) -> Path
 
 
 def oracle(drop: set[tuple[int, int]] = frozenset(), relabel: dict[tuple[int, int], int] | None = None,
-           extra: set[int] = frozenset(), score_of: float = 0.9) -> Any:
+           extra: set[int] = frozenset(), score_of: float = 0.9, extra_class: int = 0) -> Any:
     """Predicts the truth, except boxes ``(image, box index)`` in ``drop`` (missed), ``relabel``
-    (wrong class) and one extra false box on images in ``extra``."""
+    (wrong class) and one extra false box (class ``extra_class``) on images in ``extra``."""
     relabel = relabel or {}
 
     def predict(frames: list[np.ndarray], **_: Any) -> list[Detections]:
@@ -47,7 +57,7 @@ def oracle(drop: set[tuple[int, int]] = frozenset(), relabel: dict[tuple[int, in
             i = int(f[0, 0, 0])
             rows = [(relabel.get((i, k), c), *box) for k, (c, *box) in enumerate(TRUTH[i]) if (i, k) not in drop]
             if i in extra:
-                rows.append((0, 150.0, 2.0, 195.0, 20.0))
+                rows.append((extra_class, 150.0, 2.0, 195.0, 20.0))
             arr = np.array(rows, np.float32).reshape(-1, 5)
             out.append(Detections(arr[:, 1:], np.full(len(arr), score_of, np.float32), arr[:, 0].astype(np.int32)))
         return out
@@ -123,6 +133,33 @@ def test_golden_false_alarm_rule(tmp_path: Path, extra: set[int], rise: float | 
         assert far[0]["candidate"] == pytest.approx(len(extra) / 9)
     if not passed:
         assert any("part false alarms" in r for r in result.reasons)
+
+
+@pytest.mark.parametrize("model_names", [[*NAMES, "porosity"], ["porosity", *NAMES]])
+def test_a_class_the_golden_set_lacks_is_scored_not_dropped(tmp_path: Path, model_names: list[str]) -> None:
+    """A candidate that learned porosity calls one true crack porosity and puts a porosity box on a
+    good part: the confusion matrix shows crack -> porosity and the part false alarm counts; mAP and
+    the old classes' recall are what they are with those boxes dropped."""
+    golden = load_dataset(_with_parts(write(tmp_path / "golden")))
+    p = len(NAMES)  # porosity's id in the dataset's order, as the oracle emits it
+    dets = predict_split(oracle(relabel={(4, 0): p}, extra={1}, extra_class=p), golden.split("val"), conf=0.001)
+    to_model = {i: model_names.index(n) for i, n in enumerate([*NAMES, "porosity"])}
+    for d in dets:  # into the model's own class ids
+        d.class_ids[:] = [to_model[int(c)] for c in d.class_ids]
+    kept = score_model_detections(golden, "val", dets, model_names, 0.25)
+    dropped = score_detections(golden, "val", map_classes(dets, model_names, NAMES), 0.25)
+    assert kept.names == [*NAMES, "porosity"] and kept.confusion.shape == (5, 5) and dropped.confusion.shape == (4, 4)
+    assert kept.confusion[1, p] == 1 and kept.confusion[1, 4] == 0   # crack called porosity, not missed
+    assert dropped.confusion[1, 3] == 1                                # the same box, dropped: a miss
+    assert kept.confusion[4, p] == 1                                   # the porosity box on a good part
+    assert kept.recall_at_operating["porosity"] is None
+    assert {k: kept.recall_at_operating[k] for k in NAMES} == dropped.recall_at_operating
+    assert kept.report.map50 == dropped.report.map50
+    assert kept.report.part_level["false_alarms"] == 1 and dropped.report.part_level["false_alarms"] == 0
+    result = decide(GateRule(), kept, score(oracle(), golden, "val", 0.25))
+    assert not result.passed
+    assert any("recall of 'crack'" in r for r in result.reasons)
+    assert any("part false alarms" in r for r in result.reasons)
 
 
 # 18 true boxes; the split parts miss `missed` of them

@@ -151,7 +151,11 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert list(m.classes) == [*DEFAULT_CLASSES, "burr"] and list(m.input_size) == [160, 160]
     gate = json.loads((job.work / "gate" / "gate.json").read_text())
     assert gate["candidate"] == "1.1.0" and gate["new_data"] is not None
-    assert len(gate["golden"]["candidate"]["confusion"]) == len(DEFAULT_CLASSES) + 1  # golden set: old classes
+    # golden set: the old classes' boxes, and the new class kept as a column (what it took for itself)
+    g_c, g_p = gate["golden"]["candidate"], gate["golden"]["production"]
+    assert g_c["names"] == [*DEFAULT_CLASSES, "burr"] and g_p["names"] == list(DEFAULT_CLASSES)
+    assert len(g_c["confusion"]) == len(DEFAULT_CLASSES) + 2 and len(g_p["confusion"]) == len(DEFAULT_CLASSES) + 1
+    assert g_c["recall_at_operating"]["burr"] is None  # the golden set has no burr
     assert (job.work / "gate" / "confusion.png").stat().st_size > 1000
 
     # 2. a permissive rule: signed with the hub's key, registered as a candidate, next version
