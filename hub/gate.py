@@ -110,10 +110,14 @@ def _recall_and_confusion(dataset: YoloDataset, split: str, dets: Sequence[Detec
                 hits[int(c)] += 1
         else:
             ious = np.zeros((len(labels), len(det)))
-        # confusion: each true box takes its best-overlapping unused detection (any class)
+        # confusion: each true box takes its best-overlapping unused detection of its own class, else
+        # of any class: a crack found as crack and also boxed as porosity is a crack found (the
+        # porosity box is then a false one), a crack boxed only as porosity is crack -> porosity
         used = np.zeros(len(det), bool)
         for g in np.argsort(-(ious.max(1) if ious.size else np.zeros(len(labels)))):
-            cand = np.where(~used & (ious[g] >= iou))[0] if ious.size else np.zeros(0, int)
+            near = ~used & (ious[g] >= iou) if ious.size else np.zeros(len(det), bool)
+            same = near & (det.class_ids == gt_cls[g])
+            cand = np.where(same if same.any() else near)[0]
             if len(cand):
                 d = cand[np.argmax(ious[g, cand])]
                 used[d] = True
