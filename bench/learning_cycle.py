@@ -47,6 +47,7 @@ from tqdm import tqdm  # noqa: E402
 from hub.gate import GateRule, mapped_predictor, score  # noqa: E402
 from hub.gate_scoring import operating_conf  # noqa: E402
 from hub.retrain import RetrainJob, RetrainSettings  # noqa: E402
+from hub.retrain_data import replay_limits  # noqa: E402
 from models.bundle import Bundle, load_bundle, write_bundle  # noqa: E402
 from models.dataset_io import YoloDataset, load_dataset  # noqa: E402
 from models.onnx_predict import OnnxPredictor  # noqa: E402
@@ -188,8 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         generate_dataset(field_dir, seed=args.seed, preset="field", line=line)
     field = load_dataset(field_dir, splits=["train", "test"])
     # rendered before any thread starts here (the synthesizer's worker processes are forked)
+    val_frames = replay_limits(args.replay_images, args.replay_val_images)["val"]
     replay = (Path(args.replay).resolve() if args.replay else
-              _replay_data(Path(args.golden).resolve(), work.parent / "replay", args.replay_images // 4))
+              _replay_data(Path(args.golden).resolve(), work.parent / f"replay_val{val_frames}", val_frames))
     production = _without_split(Path(args.production), work / "production") if args.no_split else Path(args.production)
     prod = load_bundle(production, roles=("onnx_int8",))
 
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
-        replay_data=replay, replay_images=args.replay_images,
+        replay_data=replay, replay_images=args.replay_images, replay_val_images=args.replay_val_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
         val_share=args.val_share, split_retune_steps=args.split_retune_steps, rule=GateRule(
             max_recall_drop=args.max_recall_drop / 100,
@@ -316,7 +318,8 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
                     "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device,
-                    "replay_images": args.replay_images, "dataset": dataset, "train_metrics": train.get("metrics"),
+                    "replay_images": args.replay_images, "replay_val_images": args.replay_val_images,
+                    "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
         "golden": {"production_map50": g_p["map50"], "candidate_map50": g_c["map50"],
                    "map50_change_points": round(100 * (g_c["map50"] - g_p["map50"]), 2),
@@ -358,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset's train split "
                    "and frames of the default line's test split for validation)")
     p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
+    p.add_argument("--replay-val-images", type=int, default=None,
+                   help="replay frames in validation (default: a quarter of --replay-images, as the hub's)")
     p.add_argument("--preset", default="retrain")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")

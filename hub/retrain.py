@@ -50,7 +50,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
-from hub.retrain_data import copy_split, dataset_names, image_hashes
+from hub.retrain_data import copy_split, dataset_names, image_hashes, replay_limits
 from hub.retrain_gate import JobGate
 from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
 from hub.tables import Sample
@@ -185,10 +185,10 @@ class RetrainJob:
             unknown = [n for n in rnames if n not in names]
             if unknown:
                 raise RetrainError(f"replay data {replay} has classes {unknown} the model does not know")
-            for split, share in (("train", 1.0), ("val", 0.25)):
+            limits = replay_limits(self.settings.replay_images, self.settings.replay_val_images)
+            for split, limit in limits.items():
                 counts["replay"][split], left = copy_split(
-                    replay, split, tmp, rnames, names, prefix=REPLAY_PREFIX,
-                    limit=int(self.settings.replay_images * share), exclude=golden)
+                    replay, split, tmp, rnames, names, prefix=REPLAY_PREFIX, limit=limit, exclude=golden)
                 counts["golden_left_out"][f"replay_{split}"] = left
         if any(counts["golden_left_out"].values()):
             log.warning("retrain %s: %s images are golden-set images (%s): left out of training and validation, "

@@ -18,12 +18,22 @@ import yaml
 
 from models.dataset_io import IMAGE_SUFFIXES
 
-__all__ = ["copy_split", "dataset_names", "image_hashes"]
+__all__ = ["copy_split", "dataset_names", "image_hashes", "replay_limits"]
 
 
 def dataset_names(root: Path) -> list[str]:
     raw = yaml.safe_load((root / "data.yaml").read_text())["names"]
     return list(raw.values()) if isinstance(raw, dict) else list(raw)
+
+
+def replay_limits(replay_images: int, replay_val_images: int | None = None) -> dict[str, int]:
+    """Images drawn from the replay data per split: ``replay_images`` for training, and for
+    validation ``replay_val_images`` (default a quarter of ``replay_images``). Validation is where the
+    release picks the operating threshold: with 150 replay frames one job in five ships a threshold
+    above a 0.3% false-alarm line, with 300 one in eighteen (docs/benchmarks.md, sixteenth session)."""
+    if replay_images < 0 or (replay_val_images is not None and replay_val_images < 0):
+        raise ValueError(f"replay image counts must be >= 0, got {replay_images}, {replay_val_images}")
+    return {"train": replay_images, "val": replay_images // 4 if replay_val_images is None else replay_val_images}
 
 
 def _sha256(path: Path) -> str:

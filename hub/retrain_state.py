@@ -30,6 +30,7 @@ class RetrainSettings:
     signing_key: Path | None  # Ed25519 private key (PEM)
     replay_data: Path | None = None
     replay_images: int = 600
+    replay_val_images: int | None = None  # replay frames in validation; None: a quarter of replay_images
     preset: str = "auto"  # auto: "retrain" with a GPU, "retrain-cpu" without (see resolve_preset)
     epochs: int | None = None
     hours: float | None = None

@@ -78,6 +78,8 @@ class HubRetrainConfig(BaseModel):
     golden: Path = Field(description="the fixed golden dataset (a val split) the gate scores every candidate on")
     replay_data: Path | None = Field(None, description="earlier training data; a replay buffer is drawn from it")
     replay_images: int = Field(600, ge=0, description="replay buffer size (training images)")
+    replay_val_images: int | None = Field(None, ge=0, description="replay frames in validation, where the operating "
+                                                                   "threshold is picked; default: replay_images / 4")
     preset: str = Field("auto", pattern=r"^(auto|retrain(-ci|-cpu)?)$",
                         description="models/train.py preset; auto: retrain on a GPU hub, retrain-cpu without one")
     epochs: int | None = Field(None, ge=1, description="override the preset's epochs")

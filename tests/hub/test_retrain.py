@@ -97,7 +97,8 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
 
     def settings(rule: GateRule) -> RetrainSettings:
         return RetrainSettings(golden=golden, bundles_dir=tmp_path / "bundles", signing_key=priv, replay_data=replay,
-                               replay_images=8, preset="retrain-ci", workers=0, rule=rule, val_share=0.5,
+                               replay_images=8, replay_val_images=3, preset="retrain-ci", workers=0, rule=rule,
+                               val_share=0.5,
                                epochs=2)  # 2: an epoch logged before the last one (no validation in either)
 
     root = tmp_path / "jobs"
@@ -140,7 +141,7 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     data = json.loads((job.work / "dataset.json").read_text())
     assert data["names"] == [*DEFAULT_CLASSES, "burr"]  # the new class takes the next id
     assert (job.work / "start.pt").is_file()  # the class head was widened before training
-    assert data["counts"]["replay"]["train"] == 8 and sum(data["counts"]["reviewed"].values()) == 13
+    assert data["counts"]["replay"] == {"train": 8, "val": 3} and sum(data["counts"]["reviewed"].values()) == 13
     assert not any(data["counts"]["golden_left_out"].values())  # golden and replay: two datasets
     # the preset trains on crops of the training frames (beside them: the release calibrates on frames)
     train_frames = data["counts"]["replay"]["train"] + data["counts"]["reviewed"]["train"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.retrain_data import copy_split, dataset_names, image_hashes
+from hub.retrain_data import copy_split, dataset_names, image_hashes, replay_limits
 
 NAMES = ["scratch", "crack", "dent", "stain"]
 
@@ -70,3 +70,20 @@ def test_the_draw_is_unchanged_when_nothing_is_left_out(tmp_path: Path) -> None:
     images = sorted((src / "images" / "val").glob("*.jpg"))
     expected = sorted(p.read_bytes() for p in random.Random(0).sample(images, 7))
     assert _copied(tmp_path / "a", "val") == _copied(tmp_path / "b", "val") == expected
+
+
+@pytest.mark.parametrize(("replay", "val", "expected", "error"), [
+    (600, None, {"train": 600, "val": 150}, None),   # the default: a quarter
+    (600, 300, {"train": 600, "val": 300}, None),
+    (8, None, {"train": 8, "val": 2}, None),
+    (0, None, {"train": 0, "val": 0}, None),
+    (600, 0, {"train": 600, "val": 0}, None),         # validation on the reviewed frames only
+    (600, -1, None, "must be >= 0"),
+    (-1, None, None, "must be >= 0"),
+])
+def test_replay_limits(replay: int, val: int | None, expected: dict[str, int] | None, error: str | None) -> None:
+    if error:
+        with pytest.raises(ValueError, match=error):
+            replay_limits(replay, val)
+    else:
+        assert replay_limits(replay, val) == expected
