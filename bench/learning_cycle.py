@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=replay, replay_images=args.replay_images, replay_val_images=args.replay_val_images,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
-        val_share=args.val_share, split_retune_steps=args.split_retune_steps, rule=GateRule(
+        val_share=args.val_share, split_retune_steps=args.split_retune_steps,
+        **({} if args.calib_images is None else {"calib_images": args.calib_images}), rule=GateRule(
             max_recall_drop=args.max_recall_drop / 100,
             max_false_alarm_rise=None if args.max_false_alarm_rise < 0 else args.max_false_alarm_rise / 100))
     settings = _with_signing_key(settings, work)
@@ -319,6 +320,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
                     "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device,
                     "replay_images": args.replay_images, "replay_val_images": args.replay_val_images,
+                    "calib_images": args.calib_images,
                     "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
         "golden": {"production_map50": g_p["map50"], "candidate_map50": g_c["map50"],
@@ -361,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset's train split "
                    "and frames of the default line's test split for validation)")
     p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
+    p.add_argument("--calib-images", type=int, default=None,
+                   help="INT8 calibration frames (default: the hub config's, 100)")
     p.add_argument("--replay-val-images", type=int, default=None,
                    help="replay frames in validation (default: a quarter of --replay-images, as the hub's)")
     p.add_argument("--preset", default="retrain")

@@ -28,13 +28,13 @@ from typing import Any
 import cv2
 
 from edge_agent.batcher import AdaptiveBatcher, BatchPolicy, Result
-from edge_agent.capture import Source, SourceState
 from edge_agent.config import AgentConfig
 from edge_agent.detector import Detector
 from edge_agent.metrics import AgentMetrics
 from edge_agent.outbox import SampleOutbox
 from edge_agent.runtime import create_detector
 from edge_agent.sampler import Reason, SamplePolicy
+from edge_agent.source_api import Source, SourceState
 from edge_agent.sources import open_source
 from edge_agent.transport import Transport
 from edge_agent.uplink import Uplink

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edge_agent.batch_policy import AimdController, BatchPolicy, LatencyWindow, plan_dispatch
-from edge_agent.capture import Frame, Source, SourceState
 from edge_agent.detector import Detector
+from edge_agent.source_api import Frame, Source, SourceState
 from models.detections import Detections
 
 __all__ = [

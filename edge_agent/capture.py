@@ -8,7 +8,9 @@ A camera that cannot be opened, stops delivering, or (for network and USB camera
 retried with capped exponential backoff; the source reports it through :attr:`LiveSource.state`,
 its counters and a WARNING log line, and never raises into the consumer.
 
-Import the public names from :mod:`edge_agent.sources`; this module holds the machinery.
+Import the public names from :mod:`edge_agent.sources`; this module holds the machinery, and
+:mod:`edge_agent.source_api` the interface it implements (:class:`~edge_agent.source_api.Source`,
+:class:`~edge_agent.source_api.Frame`, its state, counters and error).
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ import logging
 import random
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from edge_agent.source_api import Frame, Source, SourceError, SourceState, SourceStats
+
 __all__ = [
     "Backoff",
     "Capture",
-    "Frame",
     "LiveSource",
+    # re-exported from edge_agent.source_api, where they live now, for existing importers
+    "Frame",
     "Source",
     "SourceError",
     "SourceState",
@@ -38,42 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class SourceError(RuntimeError):
-    """A source that cannot be opened or read; the message names it."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    index: int  # capture sequence number of its source, increasing; a gap is a frame never delivered
-    pts: float  # seconds from the start of the stream
-    image: np.ndarray  # BGR uint8, H x W x 3
-    camera_id: str = ""
-    capture_time: float = 0.0  # time.time() when the frame was captured, for records
-    capture_mono: float = 0.0  # time.monotonic() when the frame was captured, for latency
-    prepared: Any = None  # the detector's input made from ``image`` in the capture thread, if asked
-
-
-class SourceState(StrEnum):
-    STARTING = "starting"  # created or started, no frame yet
-    RUNNING = "running"  # delivering frames
-    RECONNECTING = "reconnecting"  # lost (open or read failed, or a live stream ended): waiting to retry
-    ENDED = "ended"  # a finite source (file or folder without loop) delivered its last frame
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class SourceStats:
-    camera_id: str
-    state: SourceState
-    captured: int  # frames read from the device
-    delivered: int  # frames taken by the consumer
-    dropped: int  # frames replaced in the slot before the consumer took them (newest frame wins)
-    failures: int  # failed opens, failed reads and ended live streams
-    reconnects: int  # recoveries: first frame after one or more failures
-    consecutive_failures: int
-    last_error: str | None
 
 
 class Capture(Protocol):
@@ -109,61 +75,6 @@ class Backoff:
         if self.jitter:
             base *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
         return min(self.maximum, base)
-
-
-class Source(ABC):
-    """A live camera: frames arrive on their own clock; :meth:`take` hands over the newest one."""
-
-    camera_id: str
-    describe: str  # what it reads, for logs (credentials redacted)
-
-    @abstractmethod
-    def start(self) -> None:
-        """Start capturing in the background. Never raises for a camera that is offline."""
-
-    @abstractmethod
-    def take(self) -> Frame | None:
-        """The newest frame not yet taken, or None; never blocks."""
-
-    @abstractmethod
-    def peek(self) -> Frame | None:
-        """The frame :meth:`take` would return now, left in place."""
-
-    @abstractmethod
-    def wait(self, timeout: float | None = None) -> Frame | None:
-        """Block until a frame is there (then take it), the source ended or closed, or ``timeout``."""
-
-    @abstractmethod
-    def add_listener(self, callback: Callable[[], None]) -> None:
-        """``callback()`` runs in the capture thread after each new frame and each change of state."""
-
-    @property
-    @abstractmethod
-    def state(self) -> SourceState: ...
-
-    @abstractmethod
-    def stats(self) -> SourceStats: ...
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop the capture thread and release the device."""
-
-    def __iter__(self) -> Iterator[Frame]:
-        """Frames as they are taken, until the source ends or is closed (skipped frames are dropped)."""
-        while True:
-            frame = self.wait(0.5)
-            if frame is not None:
-                yield frame
-            elif self.state in (SourceState.ENDED, SourceState.CLOSED):
-                return
-
-    def __enter__(self) -> Source:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 AtEnd = Literal["reconnect", "loop", "stop"]

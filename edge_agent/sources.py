@@ -28,7 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from edge_agent.capture import Backoff, Capture, Frame, LiveSource, Source, SourceError, SourceState, SourceStats
+from edge_agent.capture import Backoff, Capture, LiveSource
+from edge_agent.source_api import Frame, Source, SourceError, SourceState, SourceStats
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -57,6 +57,7 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
     from models.calibration import minmax_ranges, use_threaded_minmax
+    from models.head_tail import find_head_tail
     from models.quantize import (
         DEFAULT_ACTIVATION_TYPE,
         DEFAULT_REDUCE_RANGE,
@@ -64,7 +65,6 @@ def quantize_hub_int8(hub_fp32: Path, out: Path, edge_fp32: Path, calib_paths: l
         _preprocess,
         _qtype,
         calibration_batches,
-        find_head_tail,
     )
 
     edge = ort.InferenceSession(str(edge_fp32), providers=["CPUExecutionProvider"])

@@ -20,6 +20,7 @@ from models import quantize as q  # noqa: E402
 from models.bundle import BundleError, load_bundle  # noqa: E402
 from models.checkpoint import make_dev_checkpoint  # noqa: E402
 from models.export import TARGETS, build_bundle  # noqa: E402
+from models.head_tail import find_head_tail  # noqa: E402
 from models.onnx_meta import OnnxMetadataError, check_against_manifest, read_metadata  # noqa: E402
 from models.processing import preprocess_batch  # noqa: E402
 from models.quant_error import sensitivity  # noqa: E402
@@ -144,7 +145,7 @@ def test_metadata_embedded_and_consistent(built) -> None:
 
 
 def test_find_head_tail_derives_detect_layer(built) -> None:
-    tail = q.find_head_tail(built["dir"] / "model_fp32.onnx")
+    tail = find_head_tail(built["dir"] / "model_fp32.onnx")
     assert tail.detect_layer == "/model.22"
     assert all(n.startswith("/model.22/cv") and n.endswith(".2/Conv") for n in tail.branch_convs)
 

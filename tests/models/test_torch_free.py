@@ -38,6 +38,7 @@ TORCH_FREE_MODULES = [
     "edge_agent.torch_detector",
     "edge_agent.batcher",
     "edge_agent.capture",
+    "edge_agent.source_api",
     "edge_agent.sampler",
     "edge_agent.outbox",
     "edge_agent.uplink",
