@@ -100,35 +100,43 @@ class Agent:
         self.samples_stored = 0
         self.sample_errors = 0
 
+    @staticmethod
+    def bundle_roles(cfg: AgentConfig) -> tuple[str, ...]:
+        """The bundle files this agent runs: the full model, the split edge part, or (split mode
+        ``auto``) both; what it verifies, keeps in its store and downloads in an update."""
+        return {"full": (cfg.model.role,), "split": ("split_edge_int8",),
+                "auto": ("split_edge_int8", cfg.model.role)}[cfg.split.mode]
+
     def _make_detector(self, cfg: AgentConfig) -> Detector:
-        use_store = cfg.model.store is not None and cfg.split.mode == "full"
+        use_store = cfg.model.store is not None
         if cfg.model.public_keys and not use_store:  # the store verifies what it runs itself
             from models.signing import load_public_keys, verify_bundle
 
-            roles = (cfg.model.role,) if cfg.split.mode == "full" else ("split_edge_int8",)
-            b = verify_bundle(cfg.model.bundle, load_public_keys(cfg.model.public_keys), roles=roles)
+            b = verify_bundle(cfg.model.bundle, load_public_keys(cfg.model.public_keys), roles=self.bundle_roles(cfg))
             log.info("bundle %s v%s: signature and file hashes verified", cfg.model.bundle, b.manifest.version)
 
-        bundle_dir = self._open_store(cfg) if use_store else str(cfg.model.bundle)
+        detector = self._detector_for(self._open_store(cfg) if use_store else str(cfg.model.bundle))
+        if self.store is not None:
+            from edge_agent.swap import SwappableDetector
 
-        def local() -> Detector:
-            return self._local_detector(bundle_dir)
+            return SwappableDetector(detector)
+        return detector
 
-        sp = cfg.split
+    def _detector_for(self, bundle_dir: str, previous: Detector | None = None) -> Detector:
+        """The detector this agent's mode runs on ``bundle_dir``. In split mode ``previous`` (the
+        split detector it replaces) keeps receiving the hub's answers to the frames it sent."""
+        cfg, sp = self.cfg, self.cfg.split
         if sp.mode == "full":
-            if self.store is not None:
-                from edge_agent.swap import SwappableDetector
-
-                return SwappableDetector(local())
-            return local()
+            return self._local_detector(bundle_dir)
         from edge_agent.split_detector import SplitDetector
         from models.bundle import load_bundle
 
-        bundle = load_bundle(cfg.model.bundle, roles=("split_edge_int8",))
+        bundle = load_bundle(bundle_dir, roles=("split_edge_int8",))
         return SplitDetector(bundle, self.transport, self.station, cfg.identity.client_id, mode=sp.mode,
-                             fallback=local() if sp.mode == "auto" else None, deadline_ms=sp.deadline_ms,
-                             fallback_after=sp.fallback_after, probe_interval_s=sp.probe_interval_s,
-                             threads=cfg.model.threads, conf=cfg.model.conf)
+                             fallback=self._local_detector(bundle_dir) if sp.mode == "auto" else None,
+                             deadline_ms=sp.deadline_ms, fallback_after=sp.fallback_after,
+                             probe_interval_s=sp.probe_interval_s, threads=cfg.model.threads, conf=cfg.model.conf,
+                             previous=previous if isinstance(previous, SplitDetector) else None)
 
     def _local_detector(self, bundle_dir: str) -> Detector:
         cfg = self.cfg
@@ -147,7 +155,7 @@ class Agent:
 
         assert cfg.model.store is not None
         keys = load_public_keys(cfg.model.public_keys) if cfg.model.public_keys else None
-        self.store = BundleStore(cfg.model.store, public_keys=keys, roles=(cfg.model.role,))
+        self.store = BundleStore(cfg.model.store, public_keys=keys, roles=self.bundle_roles(cfg))
         if self.store.current_version() is None:
             self.store.install(cfg.model.bundle)
             log.info("bundle store %s seeded from %s", cfg.model.store, cfg.model.bundle)
@@ -155,7 +163,7 @@ class Agent:
 
     def _activate(self, bundle: Any) -> None:
         """A bundle the store installed: load it beside the running one, swap between batches."""
-        new = self._local_detector(str(bundle.dir))
+        new = self._detector_for(str(bundle.dir), previous=self.detector.active)  # type: ignore[attr-defined]
         self.detector.swap(new)  # type: ignore[attr-defined]  # a SwappableDetector whenever a store is open
         if self.uplink is not None:
             self.uplink.set_model_version(new.version)
@@ -198,7 +206,8 @@ class Agent:
 
         m = self.cfg.model
         fetcher = BundleFetcher(token=os.environ.get(m.update_token_env), ca_file=m.update_ca_file)
-        self.updater = ModelUpdater(self.store, fetcher, self._activate, roles=(m.role,), pinned=m.pinned_version)
+        self.updater = ModelUpdater(self.store, fetcher, self._activate, roles=self.bundle_roles(self.cfg),
+                                    pinned=m.pinned_version)
         counters = self.updater.counters
 
         def reader(key: str) -> Callable[[], float]:
@@ -310,8 +319,10 @@ class Agent:
         m.bind(m.outbox_evicted, lambda: float(up.counters().evicted))
         m.bind(m.bytes_sent, lambda: float(up.counters().bytes_acked))
         m.bind(m.mqtt_connected, lambda: 1.0 if up.counters().connected else 0.0)
-        stats = getattr(self.detector, "stats", None)
-        if self.cfg.split.mode != "full" and callable(stats):
+        if self.cfg.split.mode != "full" and callable(getattr(self.detector, "stats", None)):
+            def stats() -> dict[str, Any]:  # the running detector's, after a model swap too
+                return self.detector.stats()  # type: ignore[attr-defined]
+
             def reader(key: str) -> Callable[[], float]:
                 return lambda: float(stats().get(key, 0))
 

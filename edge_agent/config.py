@@ -62,7 +62,7 @@ class ModelConfig(_Strict):
                                 "split over them; default 1 (lowest latency per frame)")
     store: Path | None = Field(None, description="bundle store directory: the agent runs its current version "
                                "(seeded from `bundle` on the first start) and takes over-the-air updates the hub "
-                               "announces (full mode)")
+                               "announces (in split mode too: a bundle without the split parts is refused)")
     update_token_env: str = Field("LINEGUARD_AGENT_TOKEN", min_length=1,
                                   description="environment variable holding the hub API token for downloads")
     update_ca_file: Path | None = Field(None, description="CA bundle for the hub's HTTPS (default: the system's)")

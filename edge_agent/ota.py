@@ -45,7 +45,7 @@ from lineguard_contract import ContractError, ModelAnnouncePayload, decode
 from models.bundle import MANIFEST_FILE, SIGNATURE_FILE, Bundle
 from models.signing import SignatureError, check_version_change
 
-__all__ = ["BundleFetcher", "FetchError", "ModelUpdater"]
+__all__ = ["BundleFetcher", "FetchError", "MissingPartError", "ModelUpdater"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 16
@@ -53,6 +53,11 @@ _CHUNK = 1 << 16
 
 class FetchError(RuntimeError):
     """A download that did not produce the announced bytes; the message says which file and why."""
+
+
+class MissingPartError(FetchError):
+    """The announced bundle has no file for a part this agent runs (a split agent and a bundle
+    without split parts): refused like a bad bundle, not retried."""
 
 
 class BundleFetcher:
@@ -211,6 +216,9 @@ class ModelUpdater:
         dest = self.store.root / "downloads" / ann.version
         try:
             self._fetch(ann, dest)
+        except MissingPartError as e:
+            self._refuse("verify", str(e))
+            return False
         except FetchError as e:
             self._refuse("download", str(e))
             return False
@@ -248,7 +256,7 @@ class ModelUpdater:
         for role in self.roles:
             entry = manifest.get("files", {}).get(role)
             if entry is None:
-                raise FetchError(f"{ann.version} has no {role} file")
+                raise MissingPartError(f"{ann.version} has no {role} file (this agent runs {', '.join(self.roles)})")
             target = dest / entry["path"]
             if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == entry["sha256"]:
                 continue

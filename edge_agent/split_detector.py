@@ -15,6 +15,12 @@ Fallback (``mode``):
   (one frame's codes every ``probe_interval_s``); the first answer to a probe switches it back.
 
 Every counter is in :meth:`stats` (and the agent's /metrics).
+
+A model update (:mod:`edge_agent.swap`) replaces one split detector with another on the same
+``split_results`` topic: the new one is built with ``previous=`` the old, takes over the topic when
+it loads, and hands the old one the answers to the frames the old one sent (each request id starts
+with its detector's run id), so a frame in flight across the swap keeps its answer. The counters
+carry over, so they stay "since the agent started".
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ class SplitDetector(Detector):
     def __init__(self, bundle: Bundle, transport: Transport, station: StationId, agent_id: str, *,
                  mode: Literal["split", "auto"] = "auto", fallback: Detector | None = None,
                  deadline_ms: float = 250.0, fallback_after: int = 3, probe_interval_s: float = 2.0,
-                 threads: int | None = None, conf: float | None = None) -> None:
+                 threads: int | None = None, conf: float | None = None,
+                 previous: SplitDetector | None = None) -> None:
         if bundle.manifest.split is None:
             raise DetectorError(f"bundle {bundle.dir} v{bundle.manifest.version} has no split parts")
         if mode == "auto" and fallback is None:
@@ -77,6 +84,7 @@ class SplitDetector(Detector):
         self._probes: set[str] = set()
         self._misses = 0
         self._next_probe = 0.0
+        self.previous = previous  # the split detector this one replaces (its answers still arrive here)
 
     # -- Detector ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -88,6 +96,11 @@ class SplitDetector(Detector):
         self.provider = f"split:{self._edge.provider}"
         if self.fallback is not None:
             self.fallback.load()
+        prev = self.previous
+        if prev is not None:
+            prev.previous = None  # one step back only: the swap keeps one old detector
+            with prev._lock:
+                self.counters.update(prev.counters)
         self.transport.subscribe(self.results_topic, self._on_result)
         self._edge.run(np.zeros((1, 3, *self.input_size), np.float32))  # warm-up
         log.info("split mode %s: edge part of bundle %s (cut %d, codes %s at %d bits), deadline %.0f ms, "
@@ -200,6 +213,10 @@ class SplitDetector(Detector):
         except ContractError as exc:
             self.counters["bad_results"] += 1
             log.warning("split: malformed result on %s: %s", topic, exc)
+            return
+        prev = self.previous
+        if prev is not None and not ans.request_id.startswith(f"{self._run_id}-"):
+            prev._on_result(topic, payload)  # a frame the replaced detector sent before the swap
             return
         with self._cond:
             rid = ans.request_id

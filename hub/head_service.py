@@ -7,9 +7,13 @@ queue-delay bound), groups it by bundle version, decodes each frame's codes, run
 head once per group and post-processes; every frame gets one :class:`SplitResultPayload` through
 ``publish(topic, bytes)``.
 
-- **Versions**: one :class:`Head` per deployed bundle (``heads.bundles``); a message whose
-  ``bundle_version`` has no head, or whose spec differs from that head's, is answered
-  ``refused`` and counted (``refused_version``, ``refused_spec``), never decoded.
+- **Versions**: one :class:`Head` per deployed bundle (``heads.bundles``), and with a ``loader``
+  (``heads.bundles_dir``: where the retraining job writes its bundles) the head of a version an
+  agent asks for is loaded the first time it is asked for: a split agent that took an update is
+  answered without a restart here (counted ``heads_loaded``; a version not found is looked for again
+  after :data:`RETRY_MISSING_S`). A message whose ``bundle_version`` has no head, or whose spec
+  differs from that head's, is answered ``refused`` and counted (``refused_version``,
+  ``refused_spec``), never decoded.
 - **Dead letters**: a message that is not a feature message, or whose codes do not decode to its
   spec (truncated, corrupt), is kept in ``dead_letter_dir`` (the newest ``dead_letter_keep``) with
   its reason, counted, and not answered (the agent's deadline passes and it falls back).
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -41,16 +46,19 @@ from lineguard_contract.features import (
     decode_features,
     encode_split_result,
 )
-from models.bundle import Bundle, load_bundle
+from models.bundle import MANIFEST_FILE, Bundle, load_bundle
 from models.detections import Detections
 from models.feature_codec import FeatureDecodeError, FeatureSpec, decode_codes
 from models.processing import postprocess
 from models.split_runtime import SplitHubRunner
 
-__all__ = ["HEAD_ROLES", "Head", "HeadService", "load_heads"]
+__all__ = ["HEAD_ROLES", "RETRY_MISSING_S", "Head", "HeadLoader", "HeadService", "bundles_dir_loader", "load_heads"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
+HeadLoader = Callable[[str], "Head | None"]  # a bundle version -> its head, None when there is none
+RETRY_MISSING_S = 30.0  #: a version the loader did not find is looked for again after this long
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
 @dataclass
@@ -113,6 +121,23 @@ def load_heads(bundle_dirs: list[Path], threads: int | None = None, *, runtime: 
     return heads
 
 
+def bundles_dir_loader(bundles_dir: Path, threads: int | None = None, *, runtime: str = "onnx",
+                       device: str = "cuda", half: bool = True) -> HeadLoader:
+    """A :data:`HeadLoader` reading ``bundles_dir/<version>`` (file hashes checked); None for a
+    version that is not a plain ``X.Y.Z``, has no directory there, or whose manifest says another."""
+
+    def load(version: str) -> Head | None:
+        d = Path(bundles_dir) / version
+        if not _VERSION.match(version) or not (d / MANIFEST_FILE).is_file():
+            return None
+        head = load_heads([d], threads, runtime=runtime, device=device, half=half).get(version)
+        if head is None:
+            log.error("bundle %s does not say version %s: not loaded", d, version)
+        return head
+
+    return load
+
+
 @dataclass
 class _Item:
     topic: str
@@ -124,10 +149,12 @@ class HeadService:
     """``start()``/``stop()`` the worker thread; ``submit(topic, data)`` from any thread."""
 
     def __init__(self, heads: dict[str, Head], publish: Publish, *, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 dead_letter_dir: Path | None = None, dead_letter_keep: int = 1000) -> None:
+                 dead_letter_dir: Path | None = None, dead_letter_keep: int = 1000,
+                 loader: HeadLoader | None = None) -> None:
         if not heads:
             raise ValueError("no heads: configure at least one split bundle")
-        self.heads, self.publish = heads, publish
+        self.heads, self.publish, self.loader = heads, publish, loader
+        self._missing: dict[str, float] = {}  # version -> when to look for it again (monotonic)
         self.max_batch, self.max_delay_s = max(1, max_batch), max_delay_ms / 1000
         self.dead_letter_dir, self.dead_letter_keep = dead_letter_dir, dead_letter_keep
         self.topics = Topics()
@@ -199,7 +226,7 @@ class HeadService:
             except (ContractError, ValueError) as e:
                 self._dead_letter(item, f"malformed feature message: {e}")
                 continue
-            head = self.heads.get(header.bundle_version)
+            head = self._head(header.bundle_version)
             spec = FeatureSpec(header.cut, header.channels, header.height, header.width, header.bits, header.codec)
             if head is None:
                 self._refuse(station, header, f"no head for bundle version {header.bundle_version!r} here "
@@ -222,6 +249,27 @@ class HeadService:
             head = self.heads[version]
             for start in range(0, len(rows), self.max_batch):
                 self._run_head(head, rows[start:start + self.max_batch])
+
+    def _head(self, version: str) -> Head | None:
+        """The head for ``version``: deployed, or loaded now by the loader (worker thread only)."""
+        head = self.heads.get(version)
+        if head is not None or self.loader is None or self._missing.get(version, 0.0) > time.monotonic():
+            return head
+        try:
+            head = self.loader(version)
+        except Exception as e:  # a bundle that does not load (bad hash, no split parts): refused
+            log.error("head for bundle %s did not load: %s", version, e)
+            head = None
+        if head is None:
+            self._missing[version] = time.monotonic() + RETRY_MISSING_S
+            self._count("heads_not_found")
+            return None
+        self._missing.pop(version, None)
+        self.heads[version] = head
+        self._count("heads_loaded")
+        log.info("head for bundle %s loaded on request: cut %d, codes %s at %d bits", version, head.spec.cut,
+                 head.spec.shape, head.spec.bits)
+        return head
 
     def _run_head(self, head: Head, rows: list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]) -> None:
         dets = head.detect(np.stack([r[2] for r in rows]))

@@ -97,23 +97,27 @@ class _Server(uvicorn.Server):
 
 def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWorker:
     """Load every configured split head and start serving features (see hub/head_service.py)."""
-    from hub.head_service import HeadService, load_heads
+    from hub.head_service import HeadService, bundles_dir_loader, load_heads
 
     hc = config.heads
     assert hc is not None
     heads = load_heads(hc.bundles, threads=hc.threads, runtime=hc.runtime, device=hc.device, half=hc.half)
+    bundles_dir = hc.bundles_dir or (config.data_dir / "bundles" if config.retrain is not None else None)
+    loader = None if bundles_dir is None else bundles_dir_loader(bundles_dir, hc.threads, runtime=hc.runtime,
+                                                                  device=hc.device, half=hc.half)
 
     def factory(publish: Any) -> HeadService:
         return HeadService(heads, publish, max_batch=hc.max_batch, max_delay_ms=hc.max_delay_ms,
                            dead_letter_dir=config.data_dir / "dead-letter" / "features",
-                           dead_letter_keep=hc.dead_letter_keep)
+                           dead_letter_keep=hc.dead_letter_keep, loader=loader)
 
     worker = HeadMqttWorker(config.mqtt, factory, group=hc.group, shared=not config.embedded_broker,
                             client_id=client_id or f"{hc.group}-{socket.gethostname()}-{os.getpid()}"[:64])
     worker.start()
     if not worker.wait_subscribed(15):
         log.warning("head service not subscribed yet (broker %s unreachable?); it keeps retrying", config.mqtt.url)
-    log.info("head service: bundles %s", sorted(heads))
+    log.info("head service: bundles %s%s", sorted(heads),
+             f"; other versions loaded from {bundles_dir} when asked for" if bundles_dir is not None else "")
     return worker
 
 

@@ -57,6 +57,9 @@ class HubHeadsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     bundles: list[Path] = Field(min_length=1, description="every bundle whose split head is still deployed")
+    bundles_dir: Path | None = Field(None, description="a version an agent asks for that is not in `bundles` is "
+                                     "loaded from <bundles_dir>/<version> on its first frame (split agents that took "
+                                     "an update); default: data_dir/bundles when the hub retrains, else none")
     max_batch: int = Field(32, ge=1, le=256, description="frames per head run at most")
     max_delay_ms: float = Field(5.0, ge=0, le=100, description="wait for a fuller batch once one frame is there")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (default: all cores)")

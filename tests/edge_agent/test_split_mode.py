@@ -25,7 +25,7 @@ from lineguard_contract.features import SplitResultPayload, decode_features, enc
 from models.bundle import load_bundle
 from models.detections import Detections
 from models.processing import letterbox
-from tests.conftest import free_port, sample_frames
+from tests.conftest import free_port, restamped_bundle, sample_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "default"
@@ -194,6 +194,80 @@ def test_a_refused_version_is_counted_and_the_frame_runs_locally(bundle: Any, fr
     assert time.monotonic() - start < 1.0  # a refusal does not wait for the deadline
     st = det.stats()
     assert st["refused"] == 2 and st["fallback_frames"] == 2 and len(out) == 2, st
+
+
+class AnsweringHub(MemoryTransport):
+    """Answers every feature message at once (ok, no boxes), to whoever holds the results topic now."""
+
+    def publish(self, message: Message) -> int:
+        mid = super().publish(message)
+        header, _ = decode_features(message.payload)
+        self.deliver(Topics().station(STATION, "split_results"), encode_split_result(SplitResultPayload(
+            request_id=header.request_id, camera=header.camera, bundle_version=header.bundle_version, status="ok")))
+        return mid
+
+
+def test_a_swap_hands_the_replaced_detector_its_answers(bundle: Any, frames: list[np.ndarray]) -> None:
+    """The new split detector takes the results topic when it loads; a batch the old one still
+    runs gets its answers through the new one (without that hand-over it would wait out its
+    deadline and mark the frames undecided)."""
+    t = AnsweringHub()
+    t.start()
+    old = SplitDetector(bundle, t, STATION, "agent-st03", mode="split", deadline_ms=3000)
+    old.load()
+    assert len(old.detect(frames[:2])) == 2 and old.stats()["split_frames"] == 2
+    new = SplitDetector(bundle, t, STATION, "agent-st03", mode="split", deadline_ms=3000, previous=old)
+    new.load()
+    start = time.monotonic()
+    out = old.detect(frames[:2])  # the batch the old detector had in hand at the swap
+    assert time.monotonic() - start < 2.0 and not any(d.undecided for d in out)
+    assert old.stats()["split_frames"] == 4 and old.stats().get("undecided_frames", 0) == 0, old.stats()
+    new.detect(frames[:1])
+    st = new.stats()
+    assert st["split_frames"] == 3 and st.get("late_results", 0) == 0, st  # 2 carried over at the swap, 1 its own
+
+
+def test_a_split_agent_takes_an_update_and_the_hub_loads_its_head(mosquitto_broker: Any, tmp_path: Path) -> None:
+    """A split agent with a bundle store installs 1.3.0 (edge part and local model), swaps to it
+    between frames, and the head service, which was started with 1.2.0 only, loads 1.3.0's head
+    from the hub's bundles directory on its first frame: no frame falls back or goes undecided."""
+    from edge_agent.agent import Agent
+    from edge_agent.swap import SwappableDetector
+    from tests.edge_agent.test_agent import _cfg
+
+    bundles = tmp_path / "hub" / "bundles"
+    new = restamped_bundle(BUNDLE, bundles / "1.3.0", "1.3.0", ("onnx_int8", "split_edge_int8", "split_hub"))
+    hub_cfg = build_hub_config({"data_dir": str(tmp_path / "hub"),
+                                "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto_broker.port}"},
+                                "heads": {"bundles": [str(BUNDLE)], "bundles_dir": str(bundles), "threads": 1,
+                                          "max_delay_ms": 2}})
+    heads = start_heads(hub_cfg, client_id="heads-update")
+    cfg = _cfg(tmp_path, mosquitto_broker.port, split={"mode": "auto", "deadline_ms": 3000},
+               model={"bundle": str(BUNDLE), "store": str(tmp_path / "store")},
+               cameras=[{"id": "cam1", "source": str(ROOT / "sample_data" / "line_1080p.mp4"), "realtime": True}])
+    agent = Agent(cfg)
+    try:
+        assert isinstance(agent.detector, SwappableDetector) and isinstance(agent.detector.active, SplitDetector)
+        assert agent.store is not None and agent.store.roles == ("split_edge_int8", "onnx_int8")
+        agent.start()
+        deadline = time.monotonic() + 60
+        while agent.detector.stats().get("split_frames", 0) < 3:
+            assert time.monotonic() < deadline, agent.detector.stats()
+            time.sleep(0.05)
+        agent._activate(agent.store.install(new))  # what the updater does with an announced bundle
+        assert agent.detector.version == "1.3.0" and agent.store.current_version() == "1.3.0"
+        before = agent.detector.stats()["split_frames"]
+        while not agent.finished():
+            assert time.monotonic() < deadline + 120, "the agent did not finish the video in time"
+            time.sleep(0.2)
+        st = agent.detector.stats()
+        assert st["split_frames"] > before, st  # frames answered by 1.3.0's head
+        assert st.get("fallback_frames", 0) == 0 and st.get("refused", 0) == 0, st
+        hs = heads.service.stats()
+        assert hs["heads_loaded"] == 1 and hs.get("refused_version", 0) == 0, hs
+    finally:
+        agent.stop(drain_s=2)
+        heads.stop()
 
 
 def test_auto_mode_needs_a_local_model(bundle: Any) -> None:

@@ -4,6 +4,7 @@ MQTT worker against a real broker. Uses the shipped bundle's split parts (models
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from hub.core.config import build_config
-from hub.head_service import HeadService, load_heads
+from hub.head_service import HeadService, bundles_dir_loader, load_heads
 from hub.server import start_heads
 from lineguard_contract import StationId, Topics
 from lineguard_contract.features import FeatureHeader, decode_split_result, encode_features
@@ -24,7 +25,7 @@ from models.bundle import load_bundle
 from models.feature_codec import FeatureSpec, encode_codes
 from models.processing import postprocess, preprocess_batch
 from models.split_runtime import SplitEdgeRunner, SplitHubRunner
-from tests.conftest import free_port, sample_frames
+from tests.conftest import free_port, restamped_bundle, sample_frames
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
 TOPICS = Topics()
@@ -112,6 +113,40 @@ def test_answers_equal_the_hub_part_run_directly(service: Any, edge: SplitEdgeRu
     assert found > 0, "the sample frames should hold some detections"
     stats = svc.stats()
     assert stats["answered"] == len(frames) and max(stats["batch_sizes"]) > 1, stats
+
+
+def test_a_version_not_deployed_is_loaded_from_the_bundles_dir_once(service: Any, edge: SplitEdgeRunner,
+                                                                     bundle: Any, frames: list[np.ndarray],
+                                                                     tmp_path: Path) -> None:
+    """A split agent that took an update asks for 1.3.0: its head is loaded on the first frame and
+    kept; a version that is not there, a directory whose manifest says another version, and a
+    path are refused, each looked for once (then remembered as missing)."""
+    bdir = tmp_path / "bundles"
+    restamped_bundle(BUNDLE, bdir / "1.3.0", "1.3.0", ("split_edge_int8", "split_hub"))
+    shutil.copytree(BUNDLE, bdir / "1.4.0")  # its manifest says 1.2.0
+    asked: list[str] = []
+    load = bundles_dir_loader(bdir, 2)
+
+    def loader(version: str) -> Any:
+        asked.append(version)
+        return load(version)
+
+    svc, pub = service(loader=loader, max_delay_ms=50)
+    batch, _ = preprocess_batch(frames[:2], tuple(bundle.manifest.input_size))
+    codes = edge.run(batch)
+    versions = ["1.3.0", "1.3.0", "2.0.0", "2.0.0", "1.4.0", "../bundles/1.3.0", bundle.manifest.version]
+    for i, v in enumerate(versions):
+        svc.submit(FEATURES, encode_features(header(edge.spec, v, f"r-{i}"), encode_codes(codes[i % 2], edge.spec)))
+    results = {r.request_id: r for r in pub.wait(len(versions))}
+    status = [results[f"r-{i}"].status for i in range(len(versions))]
+    reasons = [r.reason for r in results.values()]
+    assert status == ["ok", "ok", "refused", "refused", "refused", "refused", "ok"], reasons
+    assert results["r-0"].bundle_version == "1.3.0"
+    # the same files as the deployed 1.2.0: the same boxes for the same codes
+    assert [d.box for d in results["r-0"].detections] == [d.box for d in results["r-6"].detections]
+    assert asked == ["1.3.0", "2.0.0", "1.4.0", "../bundles/1.3.0"]  # never for a deployed or loaded version
+    stats = svc.stats()
+    assert stats["heads_loaded"] == 1 and stats["heads_not_found"] == 3 and stats["refused_version"] == 4, stats
 
 
 @pytest.mark.parametrize(("change", "counter", "reason"), [

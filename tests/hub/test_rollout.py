@@ -270,3 +270,25 @@ def test_a_failed_download_is_retried_with_backoff(fleet: Fleet) -> None:
         assert updater.counters["retries"] >= 2 and updater.counters["updated"] == 1 and sw.version == "2.0.0"
     finally:
         updater.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_split_agent_refuses_a_bundle_without_split_parts_for_good(fleet: Fleet) -> None:
+    """A bundle without the edge part a split agent runs is refused like a bad bundle (``verify``),
+    not retried as a failed download; the old model keeps running."""
+    store, updater, sw = fleet.agent()
+    updater.roles = ("split_edge_int8", "onnx_int8")  # what a split agent in mode auto fetches
+    updater.retry_s = (0.05,)
+    updater.start()
+    try:
+        updater.handle(encode(fleet.announcement("2.0.0")))  # fleet bundles carry the INT8 model only
+        deadline = time.monotonic() + 10
+        while updater.counters["verify"] < 1:
+            assert time.monotonic() < deadline, updater.counters
+            time.sleep(0.02)
+        time.sleep(0.5)  # a download failure would have been retried several times by now
+        assert updater.counters["retries"] == 0 and updater.counters["download"] == 0, updater.counters
+        assert "has no split_edge_int8 file" in (updater.last_error or "")
+        assert sw.version == "1.0.0" and store.current_version() == "1.0.0"
+    finally:
+        updater.stop()
