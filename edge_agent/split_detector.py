@@ -96,13 +96,13 @@ class SplitDetector(Detector):
         self.provider = f"split:{self._edge.provider}"
         if self.fallback is not None:
             self.fallback.load()
+        self._edge.run(np.zeros((1, 3, *self.input_size), np.float32))  # warm-up, before taking the topic
         prev = self.previous
         if prev is not None:
             prev.previous = None  # one step back only: the swap keeps one old detector
             with prev._lock:
                 self.counters.update(prev.counters)
         self.transport.subscribe(self.results_topic, self._on_result)
-        self._edge.run(np.zeros((1, 3, *self.input_size), np.float32))  # warm-up
         log.info("split mode %s: edge part of bundle %s (cut %d, codes %s at %d bits), deadline %.0f ms, "
                  "local fallback: %s", self.mode, self.version, self.spec.cut, self.spec.shape, self.spec.bits,
                  1000 * self.deadline_s, "yes" if self.fallback else "no (undecided frames)")
