@@ -346,7 +346,7 @@ class Agent:
             uptime_s=time.monotonic() - self._started, fps=st.fps,
             dropped_frames=sum(s.stats().dropped for s in self.sources), batch_size=st.batch_size,
             latency_p50_ms=_finite(st.latency_p50_ms), latency_p99_ms=_finite(st.latency_p99_ms),
-            outbox_depth=up.depth, outbox_bytes=up.outbox_bytes, evicted=up.evicted)
+            outbox_depth=up.depth, outbox_bytes=up.outbox_bytes, evicted=up.evicted, mode=self.cfg.split.mode)
 
     def _heartbeat_loop(self) -> None:
         assert self.uplink is not None

@@ -35,7 +35,7 @@ def fold_agent_message(s: Session, station_pk: int, msg: StatusPayload | Heartbe
     newest message that carries it, and an older message never overwrites newer data:
 
     - health figures (``heartbeat_ts``, ``fps``, ``latency_p99_ms``, ``dropped_frames``,
-      ``outbox_depth``, ``uptime_s``) come from the heartbeat with the greatest ``ts``;
+      ``outbox_depth``, ``uptime_s``) and the split ``mode`` come from the heartbeat with the greatest ``ts``;
     - ``last_seen`` is the greatest ``ts`` of any status or heartbeat (it never goes back), and
       ``model_version`` comes from that newest message;
     - ``online`` applies when its ``ts`` is after ``status_ts``; a heartbeat newer than
@@ -59,7 +59,8 @@ def fold_agent_message(s: Session, station_pk: int, msg: StatusPayload | Heartbe
         values.update(state=msg.state, status_ts=ts)
     else:
         values.update(state="online", heartbeat_ts=ts, fps=msg.fps, latency_p99_ms=msg.latency_p99_ms,
-                      dropped_frames=msg.dropped_frames, outbox_depth=msg.outbox_depth, uptime_s=msg.uptime_s)
+                      dropped_frames=msg.dropped_frames, outbox_depth=msg.outbox_depth, uptime_s=msg.uptime_s,
+                      mode=msg.mode)
     mod: Any = sqlite if s.get_bind().dialect.name == "sqlite" else postgresql
     stmt = mod.insert(AGENTS).values(**values)
     ex = stmt.excluded
@@ -68,7 +69,7 @@ def fold_agent_message(s: Session, station_pk: int, msg: StatusPayload | Heartbe
                             "model_version": case((newest, ex.model_version), else_=a.model_version)}
     if isinstance(msg, HeartbeatPayload):
         applies = or_(a.heartbeat_ts.is_(None), ex.heartbeat_ts > a.heartbeat_ts)
-        for col in ("heartbeat_ts", "fps", "latency_p99_ms", "dropped_frames", "outbox_depth", "uptime_s"):
+        for col in ("heartbeat_ts", "fps", "latency_p99_ms", "dropped_frames", "outbox_depth", "uptime_s", "mode"):
             sets[col] = case((applies, getattr(ex, col)), else_=getattr(a, col))
         sets["state"] = case((ex.last_seen > a.last_seen, literal("online")), else_=a.state)
     elif msg.state == "online":

@@ -22,9 +22,11 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from hub.tables import Agent, Sample, Station
 
-__all__ = ["AgentView", "SeriesPoint", "defect_series", "list_agents", "model_versions"]
+__all__ = ["SPLIT_WINDOW", "AgentView", "SeriesPoint", "defect_series", "fleet_runs_split", "list_agents",
+           "model_versions"]
 
 STALE_AFTER = timedelta(seconds=60)
+SPLIT_WINDOW = timedelta(days=30)  #: agents heard from within this long count for :func:`fleet_runs_split`
 
 
 def _utc(ts: datetime | None) -> datetime | None:
@@ -47,6 +49,7 @@ class AgentView:
     dropped_frames: int
     outbox_depth: int
     uptime_s: float
+    mode: str | None = None  # full | split | auto, from its heartbeats; None: not reported
 
 
 def list_agents(s: Session, now: datetime | None = None, stale_after: timedelta = STALE_AFTER) -> list[AgentView]:
@@ -60,8 +63,19 @@ def list_agents(s: Session, now: datetime | None = None, stale_after: timedelta 
         if state == "online" and now - last_seen > stale_after:
             state = "stale"
         out.append(AgentView(st.site, st.line, st.station, a.agent_id, state, a.model_version, last_seen,
-                             a.fps, a.latency_p99_ms, a.dropped_frames, a.outbox_depth, a.uptime_s))
+                             a.fps, a.latency_p99_ms, a.dropped_frames, a.outbox_depth, a.uptime_s, a.mode))
     return out
+
+
+def fleet_runs_split(s: Session, now: datetime | None = None, window: timedelta = SPLIT_WINDOW) -> bool | None:
+    """Whether the fleet runs split parts: True when an agent heard from within ``window`` runs
+    split mode (``split`` or ``auto``), False when every such agent reported ``full``, None when
+    none was heard from or one has not reported its mode (an agent older than the field)."""
+    since = (now or datetime.now(UTC)) - window
+    modes = set(s.scalars(select(Agent.mode).where(Agent.last_seen >= since)).all())
+    if not modes or None in modes:
+        return None
+    return bool(modes & {"split", "auto"})
 
 
 def model_versions(s: Session, agents: list[AgentView] | None = None) -> list[dict[str, Any]]:

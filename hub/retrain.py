@@ -18,7 +18,9 @@ gets :class:`RetrainBusy`). Steps:
    (the default) picks ``retrain`` on a GPU hub, ``retrain-cpu`` without one.
 4. ``release``: ONNX FP32 + INT8 bundle, operating threshold chosen on validation
    (:func:`models.release.release_bundle`), version = production's minor + 1.
-5. ``split``: when production has split parts, the candidate gets its own: production's bottleneck,
+5. ``split``: when production has split parts and the fleet runs them (``split_parts``: ``auto``
+   leaves them out when every agent heard from in 30 days reported full mode in its heartbeats;
+   decided at the snapshot), the candidate gets its own: production's bottleneck,
    as it is when layers 0..cut are production's (tensor for tensor), else fine-tuned to the new
    layers (``split_retune_steps``; on a GPU hub in a process started beside the release step);
    the hub part rebuilt from the new layers (INT8, calibrated on the training data). Skipped for
@@ -50,9 +52,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hub.blobs import BlobStore
+from hub.fleet import fleet_runs_split
 from hub.retrain_data import copy_split, dataset_names, image_hashes, replay_limits
 from hub.retrain_gate import JobGate
-from hub.retrain_state import JobState, RetrainBusy, RetrainError, RetrainSettings, job_lock, next_version, now
+from hub.retrain_state import (
+    JobState,
+    RetrainBusy,
+    RetrainError,
+    RetrainSettings,
+    job_lock,
+    next_version,
+    now,
+    split_parts_decision,
+)
 from hub.tables import Sample
 from models.fsutil import atomic_write_json
 
@@ -149,16 +161,21 @@ class RetrainJob:
                                    "'lineguard-hub models register --production'")
             rows = s.execute(select(Sample.id, Sample.sample_id)
                              .where(Sample.status.in_(("confirmed", "rejected"))).order_by(Sample.id)).all()
+            fleet_split = fleet_runs_split(s)
         if len(rows) < self.settings.min_reviewed:
             raise RetrainError(f"{len(rows)} reviewed samples; retraining needs at least {self.settings.min_reviewed}")
         from models.bundle import load_bundle
 
         bundle = load_bundle(Path(prod.bundle_path), roles=("checkpoint",))
+        split_parts, why = split_parts_decision(self.settings.split_parts, fleet_split)
+        if bundle.manifest.split:
+            log.info("retrain %s: split parts %s: %s", self.state.job_id, "built" if split_parts else "left out", why)
         self.state.production_version = prod.version
         atomic_write_json(self.work / "snapshot.json", {
             "production_version": prod.version, "production_bundle": prod.bundle_path,
             "classes": list(bundle.manifest.classes), "input_size": list(bundle.manifest.input_size),
-            "sample_pks": [r[0] for r in rows], "sample_ids": [r[1] for r in rows]})
+            "sample_pks": [r[0] for r in rows], "sample_ids": [r[1] for r in rows],
+            "split_parts": split_parts, "split_parts_reason": why})
 
     def _step_dataset(self) -> None:
         from hub.export import export_dir
@@ -275,7 +292,7 @@ class RetrainJob:
         device part's layers) runs in a process started with training (``ckpt`` None: it loads and
         warms up, then waits for the checkpoint) or at the release (resumed there), beside the
         release's CPU work; None on a CPU hub or when production has no split parts."""
-        if not self._on_gpu():
+        if not self._on_gpu() or not snap.get("split_parts", True):
             return None
         from models.split_rebuild import start_prepare_bottleneck
 
@@ -316,6 +333,9 @@ class RetrainJob:
         if not prod.manifest.split:
             log.info("retrain %s: production %s is not split: no split parts to rebuild", self.state.job_id,
                      prod.manifest.version)
+            return
+        if not snap.get("split_parts", True):  # (a snapshot from before the setting has none: built, as then)
+            log.info("retrain %s: no split parts for the candidate (%s)", self.state.job_id, snap["split_parts_reason"])
             return
         from models.split_rebuild import production_bottleneck, rebuild_split_parts
 

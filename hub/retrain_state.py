@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hub.gate import GateRule
 
-__all__ = ["JobState", "RetrainBusy", "RetrainError", "RetrainSettings", "job_lock", "next_version", "now"]
+__all__ = ["JobState", "RetrainBusy", "RetrainError", "RetrainSettings", "job_lock", "next_version", "now",
+           "split_parts_decision"]
 
 
 class RetrainError(RuntimeError):
@@ -41,6 +42,7 @@ class RetrainSettings:
     score_workers: int | None = None  # processes for the release and gate scoring passes; None: by cores
     calib_images: int = 100  # INT8 calibration frames (the gate scores the INT8 model that results)
     split_retune_steps: int = 200  # bottleneck fine-tuning when training changed the device's layers; 0: refuse
+    split_parts: str = "auto"  # auto | always | never: see split_parts_decision
     rule: GateRule = field(default_factory=GateRule)
 
 
@@ -65,6 +67,22 @@ class JobState:
     @classmethod
     def read(cls, path: Path) -> JobState:
         return cls(**json.loads(path.read_text()))
+
+
+def split_parts_decision(policy: str, fleet_split: bool | None) -> tuple[bool, str]:
+    """Whether the job builds split parts for its candidate (when production has them), and why.
+    ``fleet_split``: :func:`hub.fleet.fleet_runs_split`. ``auto`` leaves them out only when every
+    agent heard from recently reported full mode: a fleet the hub knows nothing about may be split."""
+    if policy == "never":
+        return False, "retrain.split_parts is never"
+    if policy == "always":
+        return True, "retrain.split_parts is always"
+    if policy != "auto":
+        raise ValueError(f"split_parts must be auto, always or never, got {policy!r}")
+    if fleet_split is False:
+        return False, "every agent heard from in the last 30 days runs full mode"
+    return True, ("an agent runs split mode" if fleet_split else
+                  "no agent heard from in the last 30 days, or one has not reported its mode")
 
 
 def now() -> str:

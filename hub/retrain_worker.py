@@ -46,6 +46,7 @@ def settings_from_config(config: HubConfig) -> RetrainSettings:
                            epochs=rc.epochs, hours=rc.hours, device=rc.device, workers=rc.workers,
                            val_share=rc.val_share, min_reviewed=rc.min_reviewed, score_workers=rc.score_workers,
                            calib_images=rc.calib_images, split_retune_steps=rc.split_retune_steps,
+                           split_parts=rc.split_parts,
                            rule=GateRule(max_recall_drop=rc.max_recall_drop_points / 100,
                                          min_new_data_gain=rc.min_new_data_gain_points / 100,
                                          max_false_alarm_rise=None if rc.max_false_alarm_rise_points is None

@@ -260,6 +260,7 @@ class Agent(Base):
     dropped_frames: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     outbox_depth: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     uptime_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    mode: Mapped[str | None] = mapped_column(String(8), nullable=True)  # full | split | auto; None: not reported
 
     station: Mapped[Station] = relationship()
 

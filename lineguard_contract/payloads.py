@@ -220,6 +220,9 @@ class HeartbeatPayload(_Payload):
     outbox_depth: Count
     outbox_bytes: Count
     evicted: Count
+    #: the agent's split mode (``full``: the whole model on the device); None from agents older than
+    #: this field. The hub reads it to know whether its fleet runs split parts at all.
+    mode: Literal["full", "split", "auto"] | None = None
 
     @field_validator("latency_p99_ms")
     @classmethod

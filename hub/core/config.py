@@ -95,6 +95,9 @@ class HubRetrainConfig(BaseModel):
     calib_images: int = Field(100, ge=8, description="INT8 calibration frames")
     split_retune_steps: int = Field(200, ge=0, description="split production: bottleneck fine-tuning steps when "
                                                            "training changed the device part's layers; 0: refuse")
+    split_parts: Literal["auto", "always", "never"] = Field(
+        "auto", description="split production: build the candidate's split parts; auto: unless every agent heard "
+                            "from in 30 days reports full mode in its heartbeats")
     min_reviewed: int = Field(50, ge=1, description="do not retrain on fewer reviewed samples")
     val_share: float = Field(0.2, gt=0, lt=1, description="reviewed samples held out as the gate's new data")
     signing_key_file: Path | None = Field(None, description="Ed25519 private key (PEM); default "

@@ -73,6 +73,7 @@ def test_agent_delivers_every_sample_and_serves_metrics(tmp_path: Path, mosquitt
     assert sample.model_version == agent.detector.version and sample.reason in ("defect", "uncertain")
     kinds = {k for k, _ in hub.messages}
     assert {"status", "heartbeat"} <= kinds
+    assert {p.mode for k, p in hub.messages if k == "heartbeat"} == {"full"}  # the hub's view of split use
     for name in ("lineguard_frames_in_total", "lineguard_frames_dropped_total", "lineguard_frame_latency_seconds",
                  "lineguard_batch_size", "lineguard_queue_depth", "lineguard_outbox_depth",
                  "lineguard_mqtt_bytes_sent", "lineguard_fps"):

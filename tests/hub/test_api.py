@@ -56,7 +56,7 @@ def hub(hub_store: Any, sample_factory: Callable[..., SamplePayload]) -> Iterato
     with sessions.begin() as s:
         st = s.query(Station).filter_by(line="lineA").one()
         s.add(Agent(station_id=st.id, agent_id="agent-st03", state="online", model_version="1.2.0",
-                    last_seen=datetime.now(UTC), fps=29.5, outbox_depth=3))
+                    last_seen=datetime.now(UTC), fps=29.5, outbox_depth=3, mode="auto"))
     ctx = HubContext(hub_store.config, sessions, hub_store.blobs)
     yield Hub(ctx, TestClient(create_app(ctx)), samples)
 
@@ -260,8 +260,9 @@ def test_export_is_an_ultralytics_yolo_dataset_of_reviewed_samples(hub: Hub) -> 
 def test_fleet_models_charts_and_metrics(hub: Hub) -> None:
     c = hub.login("vera")
     fleet = c.get("/api/v1/fleet").json()
-    assert [(a["station"], a["state"], a["outbox_depth"]) for a in fleet] == [("st03", "online", 3)]
-    assert "agent-st03" in c.get("/fleet").text
+    assert [(a["station"], a["state"], a["outbox_depth"], a["mode"]) for a in fleet] == [("st03", "online", 3, "auto")]
+    page = c.get("/fleet").text
+    assert "agent-st03" in page and "<td>auto</td>" in page
     models = c.get("/api/v1/models").json()
     assert models == [{"version": "1.2.0", "agents": ["plant1/lineA/st03 (agent-st03, online)"], "samples": 7}]
     series = c.get("/api/v1/stats/defects", params={"days": 366 * 2 // 2, "bucket": "day"})

@@ -196,3 +196,22 @@ def test_each_agent_has_its_own_row(pipe: IngestPipeline) -> None:
                        status("offline", T1 + 1, agent="a2"), hb(T1 + 2, agent="a1")])
     assert (agent(pipe, "a1")["state"], agent(pipe, "a2")["state"]) == ("online", "offline")
     assert count(pipe, Agent) == 2
+
+
+def test_the_fleet_mode_follows_the_newest_heartbeat(pipe: IngestPipeline) -> None:
+    from hub.fleet import fleet_runs_split
+
+    def split_fleet() -> bool | None:
+        return rows(pipe, lambda s: fleet_runs_split(s, now=datetime.fromtimestamp(T1 + 100, UTC)))
+
+    assert split_fleet() is None  # no agent heard from
+    pipe.handle_batch([hb(T1 + 10, agent="a1", mode="full"), hb(T1 + 10, agent="a2", mode="full")])
+    assert split_fleet() is False
+    pipe.handle(*hb(T1 + 20, agent="a2", mode="auto"))
+    pipe.handle(*hb(T1 + 15, agent="a2", mode="full"))  # older, late: does not undo the newer mode
+    assert rows(pipe, lambda s: s.scalars(select(Agent.mode).where(Agent.agent_id == "a2")).one()) == "auto"
+    assert split_fleet() is True
+    pipe.handle(*hb(T1 + 30, agent="a3"))  # an agent older than the field: its mode is unknown
+    pipe.handle(*hb(T1 + 31, agent="a2", mode="full"))
+    assert split_fleet() is None
+    assert rows(pipe, lambda s: fleet_runs_split(s, now=datetime.fromtimestamp(T1 + 100 + 31 * 86400, UTC))) is None

@@ -152,6 +152,8 @@ def test_retrain_gate_sign_register(hub_store: Any, sample_factory: Any, product
     assert list(m.classes) == [*DEFAULT_CLASSES, "burr"] and list(m.input_size) == [160, 160]
     gate = json.loads((job.work / "gate" / "gate.json").read_text())
     assert gate["candidate"] == "1.1.0" and gate["new_data"] is not None
+    snap = json.loads((job.work / "snapshot.json").read_text())
+    assert snap["split_parts"] is True and "no agent heard from" in snap["split_parts_reason"]  # no fleet yet
     # golden set: the old classes' boxes, and the new class kept as a column (what it took for itself)
     g_c, g_p = gate["golden"]["candidate"], gate["golden"]["production"]
     assert g_c["names"] == [*DEFAULT_CLASSES, "burr"] and g_p["names"] == list(DEFAULT_CLASSES)
@@ -194,6 +196,38 @@ def test_loader_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configu
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     monkeypatch.setattr(job, "_on_gpu", lambda: gpu)
     assert job.loader_workers() == expected
+
+
+@pytest.mark.parametrize(("policy", "fleet_split", "built", "error"), [
+    ("auto", None, True, None),      # nothing known of the fleet: it may be split
+    ("auto", True, True, None),
+    ("auto", False, False, None),    # every agent heard from runs full mode
+    ("always", False, True, None),
+    ("never", True, False, None),
+    ("sometimes", None, None, "auto, always or never"),
+])
+def test_split_parts_decision(policy: str, fleet_split: bool | None, built: bool | None, error: str | None) -> None:
+    from hub.retrain_state import split_parts_decision
+
+    if error:
+        with pytest.raises(ValueError, match=error):
+            split_parts_decision(policy, fleet_split)
+    else:
+        assert split_parts_decision(policy, fleet_split)[0] is built
+
+
+def test_the_split_step_follows_the_snapshots_decision(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A split production (the shipped bundle) and a snapshot that decided against split parts:
+    the step builds none (it would need the candidate's bundle and checkpoint otherwise)."""
+    job = RetrainJob.create(tmp_path, RetrainSettings(golden=tmp_path, bundles_dir=tmp_path, signing_key=None,
+                                                      split_parts="never"), None, None)  # type: ignore[arg-type]
+    (job.work / "snapshot.json").write_text(json.dumps({
+        "production_bundle": str(Path(__file__).resolve().parents[2] / "models" / "default"),
+        "split_parts": False, "split_parts_reason": "retrain.split_parts is never"}))
+    with caplog.at_level("INFO", logger="hub.retrain"):
+        job._step_split()
+    assert "no split parts for the candidate (retrain.split_parts is never)" in caplog.text
+    assert job._start_bottleneck_prep(json.loads((job.work / "snapshot.json").read_text()), None) is None
 
 
 @pytest.mark.parametrize(("versions", "expected"), [([], "1.0.0"), (["1.0.0"], "1.1.0"),

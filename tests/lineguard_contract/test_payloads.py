@@ -51,7 +51,8 @@ DOCS = {
                "ts": 1767225600.0},
     "heartbeat": {"schema_version": 1, "agent_id": "agent-st03", "ts": 1767225600.0, "model_version": "1.2.0",
                   "uptime_s": 3600.0, "fps": 29.97, "dropped_frames": 3, "batch_size": 4, "latency_p50_ms": 21.0,
-                  "latency_p99_ms": 48.5, "outbox_depth": 7, "outbox_bytes": 2100000, "evicted": 0},
+                  "latency_p99_ms": 48.5, "outbox_depth": 7, "outbox_bytes": 2100000, "evicted": 0,
+                  "mode": "full"},
 }
 TYPES = {"samples": SamplePayload, "results": ResultPayload, "status": StatusPayload, "heartbeat": HeartbeatPayload}
 
@@ -145,6 +146,7 @@ def test_unreadable_payloads(kind: str, data: bytes, message: str) -> None:
         ("heartbeat", {"latency_p99_ms": 10.0}, "latency_p99_ms"),  # below p50
         ("heartbeat", {"outbox_depth": -1}, "outbox_depth"),
         ("heartbeat", {"fps": ...}, "fps"),
+        ("heartbeat", {"mode": "half"}, "mode"),
     ],
 )
 def test_malformed_other_kinds(kind: str, changes: dict[str, Any], field: str) -> None:
@@ -190,3 +192,14 @@ def test_the_examples_in_docs_protocol_md_decode() -> None:
     assert sorted(kind for kind, _ in blocks) == sorted(TYPES)
     for kind, text in blocks:
         assert type(decode(kind, text.encode())) is TYPES[kind]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(..., None), ("full", "full"), ("split", "split"), ("auto", "auto")])
+def test_heartbeat_mode_is_optional(mode: Any, expected: str | None) -> None:
+    """Agents before the field send no ``mode``: still a valid heartbeat, mode None."""
+    doc = {k: v for k, v in DOCS["heartbeat"].items() if k != "mode"}
+    if mode is not ...:
+        doc["mode"] = mode
+    msg = decode("heartbeat", wire(doc))
+    assert isinstance(msg, HeartbeatPayload) and msg.mode == expected
+    assert decode("heartbeat", encode(msg)) == msg
