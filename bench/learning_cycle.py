@@ -75,6 +75,18 @@ def _build_hub(work: Path, production: Path) -> tuple[Any, Any]:
     return sessions, FileBlobStore(work / "blobs", fsync=False)
 
 
+def _report_fleet(sessions: Any, blobs: Any, line: str, version: str, mode: str) -> None:
+    """The line's agent as the hub hears of it: one heartbeat through the ingest pipeline, in
+    ``mode`` (what ``retrain.split_parts: auto`` decides on)."""
+    from hub.pipeline import IngestPipeline
+    from lineguard_contract import HeartbeatPayload, StationId, Topics, encode
+
+    hb = HeartbeatPayload(agent_id="bench-agent", ts=time.time(), model_version=version, uptime_s=60.0, fps=30.0,
+                          dropped_frames=0, batch_size=1, latency_p50_ms=20.0, latency_p99_ms=40.0, outbox_depth=0,
+                          outbox_bytes=0, evicted=0, mode=mode)  # type: ignore[arg-type]
+    IngestPipeline(sessions, blobs).handle(Topics().station(StationId("plant2", line, "s1"), "heartbeat"), encode(hb))
+
+
 def _send_samples(sessions: Any, blobs: Any, field: YoloDataset, n: int, prod: Bundle, line: str) -> list[str]:
     """The first ``n`` train frames as an agent's samples through the real ingest pipeline."""
     from hub.pipeline import IngestPipeline
@@ -198,6 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sessions, blobs = _build_hub(work, production.resolve())
     t0 = time.perf_counter()
     ids = _send_samples(sessions, blobs, field, args.reviews, prod, line.name)
+    if args.fleet_mode:
+        _report_fleet(sessions, blobs, line.name, prod.manifest.version, args.fleet_mode)
     review = _review(sessions, field, ids)
     t_ingest = time.perf_counter() - t0
 
@@ -318,7 +332,8 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
                     "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
-                    "hours": args.hours, "device": args.device,
+                    "hours": args.hours, "device": args.device, "fleet_mode": args.fleet_mode,
+                    "split_parts": json.loads((job / "snapshot.json").read_text()).get("split_parts"),
                     "replay_images": args.replay_images, "replay_val_images": args.replay_val_images,
                     "calib_images": args.calib_images,
                     "dataset": dataset, "train_metrics": train.get("metrics"),
@@ -363,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", default=None, help="replay data (default: the golden set's dataset's train split "
                    "and frames of the default line's test split for validation)")
     p.add_argument("--replay-images", type=int, default=600, help="the hub config's default")
+    p.add_argument("--fleet-mode", choices=["full", "split", "auto"], default=None,
+                   help="the line's agent reports this split mode in a heartbeat (default: no agent heard from)")
     p.add_argument("--calib-images", type=int, default=None,
                    help="INT8 calibration frames (default: the hub config's, 100)")
     p.add_argument("--replay-val-images", type=int, default=None,
