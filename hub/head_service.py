@@ -59,6 +59,7 @@ Publish = Callable[[str, bytes], None]
 HeadLoader = Callable[[str], "Head | None"]  # a bundle version -> its head, None when there is none
 RETRY_MISSING_S = 30.0  #: a version the loader did not find is looked for again after this long
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+_MISSING_KEEP = 1000  # versions remembered as not found, at most
 
 
 @dataclass
@@ -261,6 +262,8 @@ class HeadService:
             log.error("head for bundle %s did not load: %s", version, e)
             head = None
         if head is None:
+            if len(self._missing) >= _MISSING_KEEP:  # versions agents keep naming that are not here: bounded
+                self._missing.clear()
             self._missing[version] = time.monotonic() + RETRY_MISSING_S
             self._count("heads_not_found")
             return None

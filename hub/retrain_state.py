@@ -79,10 +79,13 @@ def split_parts_decision(policy: str, fleet_split: bool | None) -> tuple[bool, s
         return True, "retrain.split_parts is always"
     if policy != "auto":
         raise ValueError(f"split_parts must be auto, always or never, got {policy!r}")
+    from hub.fleet import SPLIT_WINDOW
+
+    days = SPLIT_WINDOW.days
     if fleet_split is False:
-        return False, "every agent heard from in the last 30 days runs full mode"
+        return False, f"every agent heard from in the last {days} days runs full mode"
     return True, ("an agent runs split mode" if fleet_split else
-                  "no agent heard from in the last 30 days, or one has not reported its mode")
+                  f"no agent heard from in the last {days} days, or one has not reported its mode")
 
 
 def now() -> str:
