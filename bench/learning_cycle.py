@@ -224,11 +224,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         base = PRESETS[args.preset]
         batch = variant.pop("batch", base.batch)
+        anchor = variant.pop("anchor", base.anchor)
         preset = f"{args.preset}-bench"
-        PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
+        PRESETS[preset] = _replace(base, name=preset, batch=batch, anchor=anchor,
+                                   overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=replay, replay_images=args.replay_images, replay_val_images=args.replay_val_images,
+        reviewed_repeats=args.reviewed_repeats,
         preset=preset, epochs=args.epochs, hours=args.hours, device=args.device, workers=args.workers,
         val_share=args.val_share, split_retune_steps=args.split_retune_steps,
         **({} if args.calib_images is None else {"calib_images": args.calib_images}), rule=GateRule(
@@ -278,7 +281,7 @@ def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected key=value")
         over[key.strip()] = yaml.safe_load(value)
-    for key, value in (("freeze", args.freeze), ("lr0", args.lr0), ("seed", args.train_seed)):
+    for key, value in (("freeze", args.freeze), ("lr0", args.lr0), ("seed", args.train_seed), ("anchor", args.anchor)):
         if value is not None:
             over[key] = value
     return over
@@ -331,10 +334,12 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
-                    "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
+                    "anchor": args.anchor, "set": args.set, "epochs": args.epochs,
+                    "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device, "fleet_mode": args.fleet_mode,
                     "split_parts": json.loads((job / "snapshot.json").read_text()).get("split_parts"),
                     "replay_images": args.replay_images, "replay_val_images": args.replay_val_images,
+                    "reviewed_repeats": args.reviewed_repeats,
                     "calib_images": args.calib_images,
                     "dataset": dataset, "train_metrics": train.get("metrics"),
                     "gate_passed": state.gate_passed, "gate_reasons": state.gate_reasons},
@@ -384,12 +389,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="INT8 calibration frames (default: the hub config's, 100)")
     p.add_argument("--replay-val-images", type=int, default=None,
                    help="replay frames in validation (default: a quarter of --replay-images, as the hub's)")
+    p.add_argument("--reviewed-repeats", type=int, default=1, help="each reviewed training frame placed N times")
     p.add_argument("--preset", default="retrain")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")
     p.add_argument("--lr0", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another training argument for this run (e.g. batch=32; repeatable)")
+    p.add_argument("--anchor", type=float, default=None, help="pull toward production's weights (models/anchor.py)")
     p.add_argument("--train-seed", type=int, default=None, help="Ultralytics' seed (default 0): run-to-run spread")
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")

@@ -32,6 +32,7 @@ class RetrainSettings:
     replay_data: Path | None = None
     replay_images: int = 600
     replay_val_images: int | None = None  # replay frames in validation; None: a quarter of replay_images
+    reviewed_repeats: int = 1  # each reviewed training frame placed this many times
     preset: str = "auto"  # auto: "retrain" with a GPU, "retrain-cpu" without (see resolve_preset)
     epochs: int | None = None
     hours: float | None = None

@@ -42,7 +42,8 @@ def settings_from_config(config: HubConfig) -> RetrainSettings:
     key = rc.signing_key_file or (Path(env_key) if env_key else None)
     return RetrainSettings(golden=rc.golden, bundles_dir=config.data_dir / "bundles", signing_key=key,
                            replay_data=rc.replay_data, replay_images=rc.replay_images,
-                           replay_val_images=rc.replay_val_images, preset=rc.preset,
+                           replay_val_images=rc.replay_val_images, reviewed_repeats=rc.reviewed_repeats,
+                           preset=rc.preset,
                            epochs=rc.epochs, hours=rc.hours, device=rc.device, workers=rc.workers,
                            val_share=rc.val_share, min_reviewed=rc.min_reviewed, score_workers=rc.score_workers,
                            calib_images=rc.calib_images, split_retune_steps=rc.split_retune_steps,

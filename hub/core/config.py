@@ -83,6 +83,8 @@ class HubRetrainConfig(BaseModel):
     replay_images: int = Field(600, ge=0, description="replay buffer size (training images)")
     replay_val_images: int | None = Field(None, ge=0, description="replay frames in validation, where the operating "
                                                                    "threshold is picked; default: replay_images / 4")
+    reviewed_repeats: int = Field(1, ge=1, le=8, description="times each reviewed training frame is placed "
+                                                             "beside the replay buffer")
     preset: str = Field("auto", pattern=r"^(auto|retrain(-ci|-cpu)?)$",
                         description="models/train.py preset; auto: retrain on a GPU hub, retrain-cpu without one")
     epochs: int | None = Field(None, ge=1, description="override the preset's epochs")

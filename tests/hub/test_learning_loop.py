@@ -104,7 +104,7 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         # 3. retrain -> gate -> sign -> register
         settings = RetrainSettings(golden=synth, bundles_dir=tmp_path / "bundles", signing_key=priv,
                                    replay_data=synth, replay_images=8, preset="retrain-ci", workers=0, val_share=0.5,
-                                   rule=GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0,
+                                   reviewed_repeats=2, rule=GateRule(max_recall_drop=1.0, min_new_data_gain=-1.0,
                                                  max_false_alarm_rise=None))
         # as `lineguard-hub retrain` does: IMMEDIATE transactions on SQLite (the ingest worker writes meanwhile)
         job = RetrainJob.create(tmp_path / "jobs", settings, make_session_factory(engine, immediate=True),
@@ -116,6 +116,11 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         counts = json.loads((job.work / "dataset.json").read_text())["counts"]
         assert counts["replay"]["val"] == 0 and counts["golden_left_out"]["replay_val"] > 0, counts
         assert counts["replay"]["train"] == 8 and counts["golden_left_out"]["replay_train"] == 0, counts
+        train_frames = sorted(p.name for p in (job.work / "train_data" / "images" / "train").iterdir())
+        reviewed_train = [n for n in train_frames if not n.startswith(("replay_", "copy"))]
+        assert counts["reviewed"]["train_repeats"] == 2 and len(reviewed_train) == counts["reviewed"]["train"] > 0
+        assert len(train_frames) == 8 + 2 * len(reviewed_train), train_frames  # each reviewed frame placed twice
+        assert sorted(n.removeprefix("copy1_") for n in train_frames if n.startswith("copy1_")) == reviewed_train
         # 4. canary to the agent's station -> fetch, verify, install, swap
         writes = make_session_factory(engine, immediate=True)
         with writes.begin() as s, RetainedPublisher(config.mqtt, "hub-test-rollout") as bus:

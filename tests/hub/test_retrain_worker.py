@@ -50,7 +50,8 @@ def test_settings_carry_the_job_tuning_keys(tmp_path: Path) -> None:
 
     cfg = build_config({"data_dir": str(tmp_path / "hub"), "retrain": {
         "golden": str(tmp_path / "golden"), "calib_images": 64, "score_workers": 3, "split_retune_steps": 0,
-        "replay_val_images": 300}})
+        "replay_val_images": 300, "reviewed_repeats": 3}})
     st = settings_from_config(cfg)
-    assert (st.calib_images, st.score_workers, st.split_retune_steps, st.replay_val_images) == (64, 3, 0, 300)
+    assert (st.calib_images, st.score_workers, st.split_retune_steps, st.replay_val_images,
+            st.reviewed_repeats) == (64, 3, 0, 300, 3)
     assert st.bundles_dir == tmp_path / "hub" / "bundles"
