@@ -224,10 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         base = PRESETS[args.preset]
         batch = variant.pop("batch", base.batch)
-        anchor = variant.pop("anchor", base.anchor)
         preset = f"{args.preset}-bench"
-        PRESETS[preset] = _replace(base, name=preset, batch=batch, anchor=anchor,
-                                   overrides={**base.overrides, **variant})
+        PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
         replay_data=replay, replay_images=args.replay_images, replay_val_images=args.replay_val_images,
@@ -281,7 +279,7 @@ def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected key=value")
         over[key.strip()] = yaml.safe_load(value)
-    for key, value in (("freeze", args.freeze), ("lr0", args.lr0), ("seed", args.train_seed), ("anchor", args.anchor)):
+    for key, value in (("freeze", args.freeze), ("lr0", args.lr0), ("seed", args.train_seed)):
         if value is not None:
             over[key] = value
     return over
@@ -334,8 +332,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
                     "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
-                    "anchor": args.anchor, "set": args.set, "epochs": args.epochs,
-                    "production_split": not args.no_split,
+                    "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device, "fleet_mode": args.fleet_mode,
                     "split_parts": json.loads((job / "snapshot.json").read_text()).get("split_parts"),
                     "replay_images": args.replay_images, "replay_val_images": args.replay_val_images,
@@ -396,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr0", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another training argument for this run (e.g. batch=32; repeatable)")
-    p.add_argument("--anchor", type=float, default=None, help="pull toward production's weights (models/anchor.py)")
     p.add_argument("--train-seed", type=int, default=None, help="Ultralytics' seed (default 0): run-to-run spread")
     p.add_argument("--hours", type=float, default=None, help="training time budget (Ultralytics fits the epochs)")
     p.add_argument("--device", default=None, help="cpu (default), 0 for the first GPU")

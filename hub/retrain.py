@@ -199,7 +199,7 @@ class RetrainJob:
             counts["golden_left_out"][f"reviewed_{split}"] = left
         for k in range(1, self.settings.reviewed_repeats):  # the reviewed frames weigh more than the replay buffer
             copy_split(reviewed, "train", tmp, names, names, prefix=f"{REVIEWED_COPY_PREFIX}{k}_", exclude=golden)
-        counts["reviewed"]["train_repeats"] = self.settings.reviewed_repeats
+        counts["reviewed_repeats"] = {"train": self.settings.reviewed_repeats}
         if self.settings.replay_data is not None:
             replay = Path(self.settings.replay_data)
             rnames = dataset_names(replay)
@@ -241,22 +241,19 @@ class RetrainJob:
         # the split bottleneck's process loads and warms up while training runs; it gets the checkpoint after
         self._prep = self._start_bottleneck_prep(snap, None)
         last = runs / preset.name / "weights" / "last.pt"
-        start = load_bundle(Path(snap["production_bundle"]), roles=("checkpoint",)).path("checkpoint")
-        known = len(snap["classes"])
         if last.exists():
             log.info("retrain %s: resuming training from %s", self.state.job_id, last)
-            widened = self.work / "start.pt"
-            result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs, resume=True,
-                           weights=widened if widened.exists() else start, known_classes=known)
+            result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs, resume=True)
         else:
+            ckpt = load_bundle(Path(snap["production_bundle"]), roles=("checkpoint",)).path("checkpoint")
             names = json.loads((self.work / "dataset.json").read_text())["names"]
             if names != snap["classes"]:  # reviewers added classes: widen the head, keep the old rows
                 from models.class_head import widen_class_head
 
-                start = widen_class_head(start, names, self.work / "start.pt")
+                ckpt = widen_class_head(ckpt, names, self.work / "start.pt")
                 log.info("retrain %s: class head widened %s -> %s", self.state.job_id, snap["classes"], names)
             result = train(self.work / "train_data" / "data.yaml", preset=preset, project_dir=runs,
-                           weights=start, known_classes=known, epochs=self.settings.epochs, hours=self.settings.hours,
+                           weights=ckpt, epochs=self.settings.epochs, hours=self.settings.hours,
                            device=self.settings.device, workers=self.loader_workers())
         atomic_write_json(self.work / "train.json", {"checkpoint": str(result.checkpoint), "metrics": result.metrics})
         if self._prep is not None:

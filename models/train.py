@@ -43,9 +43,6 @@ class TrainPreset:
     #: Train on crops of the training frames at the model's scale (:mod:`models.crops`), ``imgsz``
     #: being the crop's side: the caller building the dataset crops its training split.
     crop: CropPlan | None = None
-    #: > 0: after each optimizer step pull the weights toward the ones training started from
-    #: (``w -= lr * anchor * (w - w0)``, :mod:`models.anchor`); 0: free, as Ultralytics trains.
-    anchor: float = 0.0
 
 
 _AUGMENT = {
@@ -162,16 +159,13 @@ def train(
     seed: int = 0,
     resume: bool = False,
     weights: Path | None = None,
-    known_classes: int | None = None,
     **extra: Any,
 ) -> TrainResult:
     """Train from scratch on ``data_yaml`` and return the best checkpoint.
 
     ``hours`` caps wall time (Ultralytics' ``time`` argument, which then fits the schedule).
     ``weights`` continues from an earlier checkpoint of ours (a second stage) instead of the
-    preset's architecture YAML; nothing pretrained from elsewhere is ever loaded. A preset with an
-    ``anchor`` holds training near ``weights`` (also when resuming: pass the same ``weights``), the
-    class rows past ``known_classes`` left free.
+    preset's architecture YAML; nothing pretrained from elsewhere is ever loaded.
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     if epochs is not None:
@@ -217,12 +211,6 @@ def train(
     if not cfg.validate:
         model.add_callback("on_pretrain_routine_start", _without_validation)
     model.add_callback("on_pretrain_routine_start", _cpu_threads)
-    if cfg.anchor > 0:
-        if weights is None:
-            raise ValueError(f"preset {cfg.name} anchors training to its start: pass the start's weights")
-        from models.anchor import WeightAnchor
-
-        WeightAnchor(cfg.anchor, Path(weights), known_classes).attach(model)
     _log_times(model)
     results = model.train(**args)
     save_dir = Path(model.trainer.save_dir)

@@ -118,7 +118,7 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         assert counts["replay"]["train"] == 8 and counts["golden_left_out"]["replay_train"] == 0, counts
         train_frames = sorted(p.name for p in (job.work / "train_data" / "images" / "train").iterdir())
         reviewed_train = [n for n in train_frames if not n.startswith(("replay_", "copy"))]
-        assert counts["reviewed"]["train_repeats"] == 2 and len(reviewed_train) == counts["reviewed"]["train"] > 0
+        assert counts["reviewed_repeats"] == {"train": 2} and len(reviewed_train) == counts["reviewed"]["train"] > 0
         assert len(train_frames) == 8 + 2 * len(reviewed_train), train_frames  # each reviewed frame placed twice
         assert sorted(n.removeprefix("copy1_") for n in train_frames if n.startswith("copy1_")) == reviewed_train
         # 4. canary to the agent's station -> fetch, verify, install, swap
