@@ -5,6 +5,7 @@ own folder (bench/) is first on sys.path."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import socket
@@ -22,9 +23,10 @@ def free_port() -> int:
 
 
 def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
-    """``(name, stop)`` of a broker listening on ``port``."""
+    """``(name, stop)`` of a broker listening on ``port``: Mosquitto where installed, else the
+    embedded one (also with ``LINEGUARD_BENCH_BROKER=embedded``)."""
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe:
+    if exe and os.environ.get("LINEGUARD_BENCH_BROKER") != "embedded":
         conf = work / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                         "max_queued_messages 10000\n")

@@ -11,9 +11,15 @@ signature and every file hash, installs into its own :class:`~edge_agent.bundle_
 and a frame loop at ``--fps`` through that detector, counting frames that fail. Inference itself
 is a stub (``--detector stub``: 2 ms per frame; ONNX Runtime for 50 agents does not fit on 2
 cores): this measures delivery and swap, not the model. ``--detector onnx`` runs the real INT8
-model per agent (a larger machine).
+model per agent (a larger machine). ``--mode split``: each agent runs the bundle's INT8 edge part
+in a :class:`~edge_agent.split_detector.SplitDetector` (its store and updates hold the edge part
+only) and the hub's head service (in this process, or its own with ``--heads-process``) starts
+with 1.0.0's head and loads 1.1.0's when first asked; a frame the hub does not answer within the
+agent's ``--deadline-ms`` is undecided (split mode's dropped frame), counted before and during the
+rollout.
 
     python bench/rollout.py --agents 50 --json docs/results/rollout_50.json
+    python bench/rollout.py --agents 10 --fps 1 --mode split --deadline-ms 1000
 """
 
 from __future__ import annotations
@@ -42,11 +48,15 @@ from edge_agent.bundle_store import BundleStore  # noqa: E402
 from edge_agent.detector import Detector, DetectorError, OnnxDetector  # noqa: E402
 from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
 from edge_agent.ota import BundleFetcher, ModelUpdater  # noqa: E402
+from edge_agent.split_detector import SplitDetector  # noqa: E402
 from edge_agent.swap import SwappableDetector  # noqa: E402
 from lineguard_contract import StationId, Topics  # noqa: E402
-from models.bundle import Bundle  # noqa: E402
+from models.bundle import Bundle, load_bundle  # noqa: E402
 from models.detections import Detections  # noqa: E402
 from models.signing import generate_keypair, load_public_keys, rebadge_bundle  # noqa: E402
+
+#: what each agent installs, by mode (as ``edge_agent.agent.Agent.bundle_roles``)
+ROLES = {"full": ("onnx_int8",), "split": ("split_edge_int8",)}
 
 
 class StubDetector(Detector):
@@ -67,23 +77,33 @@ class StubDetector(Detector):
 
 class SimAgent:
     def __init__(self, k: int, work: Path, seed: Path, keys: Any, port: int, token: str, fps: float,
-                 detector: str) -> None:
+                 detector: str, mode: str, deadline_ms: float = 250.0) -> None:
         self.station = StationId("bench", "line", f"st{k:03d}")
-        self.store = BundleStore(work / f"agent{k:03d}", public_keys=keys)
+        self.agent_id = f"bench-agent-{k:03d}"
+        self.store = BundleStore(work / f"agent{k:03d}", public_keys=keys, roles=ROLES[mode])
         self.store.install(seed)
-        self.make = (lambda b: OnnxDetector(b, workers=1, threads=1)) if detector == "onnx" else StubDetector
-        self.sw = SwappableDetector(self.make(self.store.current()))
+        self.mqtt = MqttTransport(MqttConfig(client_id=self.agent_id, port=port))
+        self.detector, self.mode, self.deadline_ms = detector, mode, deadline_ms
+        self.sw = SwappableDetector(self._make(self.store.current(), None))
         self.sw.load()
-        self.updater = ModelUpdater(self.store, BundleFetcher(token=token), self._activate)
-        self.mqtt = MqttTransport(MqttConfig(client_id=f"bench-agent-{k:03d}", port=port))
+        self.updater = ModelUpdater(self.store, BundleFetcher(token=token), self._activate, roles=ROLES[mode])
         self.mqtt.subscribe(Topics().station(self.station, "model"), lambda t, p: self.updater.handle(p))
-        self.fps, self.frames, self.failed = fps, 0, 0
+        self.fps, self.frames, self.failed, self.undecided = fps, 0, 0, 0
         self.updated_at: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._frames, daemon=True)
 
+    def _make(self, bundle: Bundle, previous: Detector | None) -> Detector:
+        """As the agent's ``_detector_for``: the full model, or the split edge part whose answers
+        come from the hub's head service (no local fallback: a missed answer is an undecided frame)."""
+        if self.mode == "split":
+            return SplitDetector(load_bundle(bundle.dir, roles=("split_edge_int8",)), self.mqtt, self.station,
+                                 self.agent_id, mode="split", threads=1, deadline_ms=self.deadline_ms,
+                                 previous=previous if isinstance(previous, SplitDetector) else None)
+        return OnnxDetector(bundle, workers=1, threads=1) if self.detector == "onnx" else StubDetector(bundle)
+
     def _activate(self, bundle: Bundle) -> None:
-        self.sw.swap(self.make(bundle))
+        self.sw.swap(self._make(bundle, self.sw.active))
         self.updated_at = time.monotonic()
 
     def start(self) -> None:
@@ -96,8 +116,9 @@ class SimAgent:
         period, nxt = 1.0 / self.fps, time.monotonic()
         while not self.stop.is_set():
             try:
-                self.sw.detect([frame])
+                dets = self.sw.detect([frame])
                 self.frames += 1
+                self.undecided += sum(d.undecided for d in dets)
             except Exception:
                 self.failed += 1
             nxt += period
@@ -114,7 +135,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agents", type=int, default=50)
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second per agent")
-    ap.add_argument("--detector", choices=["stub", "onnx"], default="stub")
+    ap.add_argument("--detector", choices=["stub", "onnx"], default="stub", help="full mode's inference")
+    ap.add_argument("--mode", choices=["full", "split"], default="full",
+                    help="split: agents run the bundle's INT8 edge part, the hub's head service (in this process, "
+                         "started with 1.0.0 only) answers and loads 1.1.0's head when first asked")
+    ap.add_argument("--heads-runtime", choices=["onnx", "torch"], default="onnx",
+                    help="split mode: the head service's runtime (torch: FP16 on the GPU, as a GPU hub runs it)")
+    ap.add_argument("--heads-process", action="store_true",
+                    help="split mode: the head service in its own process (as a hub runs it), not this one")
+    ap.add_argument("--deadline-ms", type=float, default=250.0,
+                    help="split mode: how long an agent waits for the hub's answer (the agent config's default)")
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path, default=None)
@@ -127,18 +157,39 @@ def main() -> int:
     from hub.blobs import FileBlobStore
     from hub.core.config import build_config
     from hub.core.db import make_engine, make_session_factory, upgrade
+    from hub.head_service import HEAD_ROLES
     from hub.mqtt import RetainedPublisher
     from hub.registry import register
     from hub.rollout import promote
+    from hub.server import start_heads
     from hub.tables import Station
 
     work = Path(tempfile.mkdtemp(prefix="lg_rollout_"))
     priv, pub = generate_keypair(work / "keys")
-    old = rebadge_bundle(args.bundle, work / "bundles" / "1.0.0", "1.0.0", priv)
-    new = rebadge_bundle(args.bundle, work / "bundles" / "1.1.0", "1.1.0", priv)
+    roles: tuple[str, ...] = ("onnx_int8",)
+    if args.mode == "split":  # the agents' edge part and what the hub's head runtime reads
+        roles = ("onnx_int8", "split_edge_int8", *HEAD_ROLES[args.heads_runtime])
+    old = rebadge_bundle(args.bundle, work / "bundles" / "1.0.0", "1.0.0", priv, roles=roles)
+    new = rebadge_bundle(args.bundle, work / "bundles" / "1.1.0", "1.1.0", priv, roles=roles)
     port = free_port()
     broker_name, stop_broker = start_broker(port, work)
-    config = build_config({"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"}})
+    hub_cfg: dict[str, Any] = {"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"}}
+    if args.mode == "split":
+        hub_cfg["heads"] = {"bundles": [str(old)], "bundles_dir": str(work / "bundles"), "max_delay_ms": 2,
+                            "runtime": args.heads_runtime}
+    config = build_config(hub_cfg)
+    heads: Any = None
+    if args.mode == "split" and args.heads_process:  # as on a hub: `lineguard-hub heads`, its own interpreter
+        import subprocess
+
+        import yaml
+
+        (work / "hub.yaml").write_text(yaml.safe_dump(hub_cfg))
+        heads = subprocess.Popen([sys.executable, "-m", "hub.cli", "heads", "-c", str(work / "hub.yaml")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        heads.stdout.readline()  # "LineGuard head service running ..." once subscribed (or timed out)
+    elif args.mode == "split":
+        heads = start_heads(config, client_id="bench-heads")
     engine = make_engine(config.db_url)
     upgrade(engine)
     sessions = make_session_factory(engine)
@@ -160,12 +211,13 @@ def main() -> int:
     while not server.started:
         time.sleep(0.05)
     keys = load_public_keys([pub])
-    agents = [SimAgent(k, work / "agents", old, keys, port, token, args.fps, args.detector)
+    agents = [SimAgent(k, work / "agents", old, keys, port, token, args.fps, args.detector, args.mode,
+                       args.deadline_ms)
               for k in tqdm(range(args.agents), desc="agents")]
     for a in agents:
         a.start()
     time.sleep(2.0)  # every agent connected and running frames on 1.0.0
-    frames0 = sum(a.frames for a in agents)
+    frames0, undecided0 = sum(a.frames for a in agents), sum(a.undecided for a in agents)
     t0 = time.monotonic()
     with sessions.begin() as s, RetainedPublisher(config.mqtt, "bench-rollout") as pub_mqtt:
         n = promote(s, pub_mqtt.publish, "1.1.0", public_url=f"http://127.0.0.1:{http_port}", actor="bench",
@@ -184,26 +236,43 @@ def main() -> int:
     time.sleep(1.0)  # frames keep flowing on the new version
     for a in agents:
         a.close()
+    head_stats = heads.service.stats() if heads is not None and not args.heads_process else None
+    if args.heads_process and heads is not None:
+        heads.terminate()
+        heads.wait(10)
+    elif heads is not None:
+        heads.stop()
     server.should_exit = True
     stop_broker()
     times = sorted(a.updated_at - t0 for a in agents if a.updated_at is not None)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "broker": broker_name, "agents": args.agents, "detector": args.detector, "fps_per_agent": args.fps,
-        "bundle_bytes_per_agent": (new / "model_int8.onnx").stat().st_size,
+        "broker": broker_name, "agents": args.agents, "mode": args.mode,
+        "detector": "split edge INT8 + hub head service" if args.mode == "split" else args.detector,
+        "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
+        "head_runtime": args.heads_runtime if args.mode == "split" else None,
+        "fps_per_agent": args.fps, "deadline_ms": args.deadline_ms if args.mode == "split" else None,
+        "bundle_bytes_per_agent": sum(new.joinpath(load_bundle(new, roles=(r,)).path(r).name).stat().st_size
+                                      for r in ROLES[args.mode]),
         "stations_announced": n, "announce_s": round(t_announced, 2),
         "all_updated": len(times) == args.agents, "rollout_s": round(elapsed, 2),
         "update_s_p50": round(float(np.percentile(times, 50)), 2) if times else None,
         "update_s_max": round(times[-1], 2) if times else None,
         "frames_during": sum(a.frames for a in agents) - frames0,
         "frames_failed": sum(a.failed for a in agents),
+        "frames_undecided_before": undecided0,  # the 2 s on 1.0.0 before the announcement
+        "frames_undecided_during": sum(a.undecided for a in agents) - undecided0,
+        "late_answers": (sum(a.sw.active.stats().get("late_results", 0) for a in agents)
+                         if args.mode == "split" else None),  # past the agent's deadline: undecided
+        "head_service": head_stats,
         "refusals": sum(sum(v for k, v in a.updater.counters.items() if k not in ("updated", "already_current"))
                         for a in agents),
+        "refusal_errors": sorted({a.updater.last_error for a in agents if a.updater.last_error})[:5],
     }
     emit_json(result, args.json)
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if result["all_updated"] and result["frames_failed"] == 0 else 1
+    return 0 if result["all_updated"] and result["frames_failed"] == result["frames_undecided_during"] == 0 else 1
 
 
 if __name__ == "__main__":

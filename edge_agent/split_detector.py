@@ -56,7 +56,7 @@ class SplitDetector(Detector):
                  mode: Literal["split", "auto"] = "auto", fallback: Detector | None = None,
                  deadline_ms: float = 250.0, fallback_after: int = 3, probe_interval_s: float = 2.0,
                  threads: int | None = None, conf: float | None = None,
-                 previous: SplitDetector | None = None) -> None:
+                 previous: SplitDetector | None = None, hub_warmup_s: float = 15.0) -> None:
         if bundle.manifest.split is None:
             raise DetectorError(f"bundle {bundle.dir} v{bundle.manifest.version} has no split parts")
         if mode == "auto" and fallback is None:
@@ -85,6 +85,7 @@ class SplitDetector(Detector):
         self._misses = 0
         self._next_probe = 0.0
         self.previous = previous  # the split detector this one replaces (its answers still arrive here)
+        self.hub_warmup_s = hub_warmup_s
 
     # -- Detector ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -96,16 +97,37 @@ class SplitDetector(Detector):
         self.provider = f"split:{self._edge.provider}"
         if self.fallback is not None:
             self.fallback.load()
-        self._edge.run(np.zeros((1, 3, *self.input_size), np.float32))  # warm-up, before taking the topic
+        codes = self._edge.run(np.zeros((1, 3, *self.input_size), np.float32))  # warm-up, before taking the topic
         prev = self.previous
         if prev is not None:
             prev.previous = None  # one step back only: the swap keeps one old detector
             with prev._lock:
                 self.counters.update(prev.counters)
         self.transport.subscribe(self.results_topic, self._on_result)
+        if prev is not None:
+            self._warm_hub(codes[0])
         log.info("split mode %s: edge part of bundle %s (cut %d, codes %s at %d bits), deadline %.0f ms, "
                  "local fallback: %s", self.mode, self.version, self.spec.cut, self.spec.shape, self.spec.bits,
                  1000 * self.deadline_s, "yes" if self.fallback else "no (undecided frames)")
+
+    def _warm_hub(self, codes: np.ndarray) -> None:
+        """An update: one frame to the hub for this version before the swap, so that the hub loads
+        its head while the replaced detector still answers the line's frames (frames sent before
+        the head is loaded would pass their deadline). A hub that refuses the version: split mode
+        cannot run it (raises: the update is refused, the old version keeps running); auto mode
+        would run every frame locally (a warning). No answer: the hub is away for every version,
+        the swap goes on."""
+        rid = self._send(codes, deadline_s=self.hub_warmup_s)
+        ans = self._wait([rid], time.monotonic() + self.hub_warmup_s).get(rid) if rid else None
+        if ans is None:
+            self.counters["hub_warmup_unanswered"] += 1
+            log.warning("split: the hub did not answer bundle %s's first frame in %.0f s; swapping all the same",
+                        self.version, self.hub_warmup_s)
+        elif ans.status != "ok":
+            if self.mode == "split":
+                raise DetectorError(f"the hub cannot run bundle {self.version}'s head: {ans.reason}")
+            log.warning("split: the hub cannot run bundle %s's head (%s): frames run locally", self.version,
+                        ans.reason)
 
     def prepare(self, image: np.ndarray) -> Prepared:
         batch, infos = preprocess_batch([image], self.input_size)
@@ -169,7 +191,7 @@ class SplitDetector(Detector):
             return {**self.counters, "state": self.state}
 
     # -- wire -------------------------------------------------------------------------------------
-    def _send(self, codes: np.ndarray, probe: bool = False) -> str | None:
+    def _send(self, codes: np.ndarray, probe: bool = False, deadline_s: float | None = None) -> str | None:
         with self._lock:
             self._seq += 1
             rid = f"{self._run_id}-{self._seq}"
@@ -181,7 +203,8 @@ class SplitDetector(Detector):
                 self._probes.add(rid)
         header = FeatureHeader.model_validate(
             {"request_id": rid, "agent_id": self.agent_id, "camera": "agent", "ts": time.time(),
-             "bundle_version": self.version, **self.spec.to_dict(), "deadline_ms": 1000 * self.deadline_s})
+             "bundle_version": self.version, **self.spec.to_dict(),
+             "deadline_ms": 1000 * (deadline_s or self.deadline_s)})
         data = encode_features(header, encode_codes(codes, self.spec))
         try:
             self.transport.publish(Message(self.features_topic, data, qos=0))

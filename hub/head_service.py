@@ -11,9 +11,10 @@ head once per group and post-processes; every frame gets one :class:`SplitResult
   (``heads.bundles_dir``: where the retraining job writes its bundles) the head of a version an
   agent asks for is loaded the first time it is asked for: a split agent that took an update is
   answered without a restart here (counted ``heads_loaded``; a version not found is looked for again
-  after :data:`RETRY_MISSING_S`). A message whose ``bundle_version`` has no head, or whose spec
-  differs from that head's, is answered ``refused`` and counted (``refused_version``,
-  ``refused_spec``), never decoded.
+  after :data:`RETRY_MISSING_S`). The load runs in its own thread: frames of that version wait
+  for it (their deadlines still hold), frames of every other version go on being answered.
+  A message whose ``bundle_version`` has no head, or whose spec differs from that head's, is
+  answered ``refused`` and counted (``refused_version``, ``refused_spec``), never decoded.
 - **Dead letters**: a message that is not a feature message, or whose codes do not decode to its
   spec (truncated, corrupt), is kept in ``dead_letter_dir`` (the newest ``dead_letter_keep``) with
   its reason, counted, and not answered (the agent's deadline passes and it falls back).
@@ -144,6 +145,10 @@ class _Item:
     topic: str
     data: bytes
     received: float  # monotonic
+    requeued: bool = False  # back from waiting for its version's head to load
+
+
+_LOADING = "loading"  # _head(): the version's head is being loaded; the item waits for it
 
 
 class HeadService:
@@ -156,6 +161,7 @@ class HeadService:
             raise ValueError("no heads: configure at least one split bundle")
         self.heads, self.publish, self.loader = heads, publish, loader
         self._missing: dict[str, float] = {}  # version -> when to look for it again (monotonic)
+        self._loading: dict[str, list[_Item]] = {}  # version -> items waiting for its head (under _lock)
         self.max_batch, self.max_delay_s = max(1, max_batch), max_delay_ms / 1000
         self.dead_letter_dir, self.dead_letter_keep = dead_letter_dir, dead_letter_keep
         self.topics = Topics()
@@ -218,7 +224,8 @@ class HeadService:
         groups: dict[str, list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]] = {}
         now = time.monotonic()
         for item in batch:
-            self._count("received")
+            if not item.requeued:
+                self._count("received")
             try:
                 station, kind = self.topics.parse(item.topic)
                 if kind != "features":
@@ -227,7 +234,10 @@ class HeadService:
             except (ContractError, ValueError) as e:
                 self._dead_letter(item, f"malformed feature message: {e}")
                 continue
-            head = self._head(header.bundle_version)
+            head = self._head(header.bundle_version, item)
+            if head == _LOADING:
+                continue
+            assert not isinstance(head, str)
             spec = FeatureSpec(header.cut, header.channels, header.height, header.width, header.bits, header.codec)
             if head is None:
                 self._refuse(station, header, f"no head for bundle version {header.bundle_version!r} here "
@@ -251,28 +261,48 @@ class HeadService:
             for start in range(0, len(rows), self.max_batch):
                 self._run_head(head, rows[start:start + self.max_batch])
 
-    def _head(self, version: str) -> Head | None:
-        """The head for ``version``: deployed, or loaded now by the loader (worker thread only)."""
+    def _head(self, version: str, item: _Item) -> Head | None | str:
+        """The head for ``version``: deployed or loaded; None: not here; :data:`_LOADING`: being
+        loaded (``item`` waits for it and comes back through the queue)."""
         head = self.heads.get(version)
-        if head is not None or self.loader is None or self._missing.get(version, 0.0) > time.monotonic():
+        if head is not None or self.loader is None:
             return head
+        with self._lock:
+            head = self.heads.get(version)  # loaded since the look above
+            if head is not None or self._missing.get(version, 0.0) > time.monotonic():
+                return head
+            waiting = self._loading.get(version)
+            if waiting is None:
+                self._loading[version] = waiting = []
+                threading.Thread(target=self._load, args=(version,), name=f"head-load-{version}"[:60],
+                                 daemon=True).start()
+            waiting.append(item)
+        return _LOADING
+
+    def _load(self, version: str) -> None:
+        """Load ``version``'s head (its own thread), then send back the items that waited for it."""
+        assert self.loader is not None
         try:
             head = self.loader(version)
         except Exception as e:  # a bundle that does not load (bad hash, no split parts): refused
             log.error("head for bundle %s did not load: %s", version, e)
             head = None
-        if head is None:
-            if len(self._missing) >= _MISSING_KEEP:  # versions agents keep naming that are not here: bounded
-                self._missing.clear()
-            self._missing[version] = time.monotonic() + RETRY_MISSING_S
-            self._count("heads_not_found")
-            return None
-        self._missing.pop(version, None)
-        self.heads[version] = head
-        self._count("heads_loaded")
-        log.info("head for bundle %s loaded on request: cut %d, codes %s at %d bits", version, head.spec.cut,
-                 head.spec.shape, head.spec.bits)
-        return head
+        with self._lock:
+            if head is None:
+                if len(self._missing) >= _MISSING_KEEP:  # versions agents keep naming that are not here: bounded
+                    self._missing.clear()
+                self._missing[version] = time.monotonic() + RETRY_MISSING_S
+                self.counters["heads_not_found"] += 1
+            else:
+                self._missing.pop(version, None)
+                self.heads[version] = head
+                self.counters["heads_loaded"] += 1
+            waiting = self._loading.pop(version, [])
+        if head is not None:
+            log.info("head for bundle %s loaded on request: cut %d, codes %s at %d bits", version, head.spec.cut,
+                     head.spec.shape, head.spec.bits)
+        for item in waiting:
+            self._queue.put(_Item(item.topic, item.data, item.received, requeued=True))
 
     def _run_head(self, head: Head, rows: list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]) -> None:
         dets = head.detect(np.stack([r[2] for r in rows]))

@@ -63,11 +63,6 @@ ROLES = ("onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_
 DEFAULT_FILE_NAMES = {"onnx_fp32": "model_fp32", "onnx_int8": "model_int8", "checkpoint": "checkpoint",
                       "split_edge_fp32": "split_edge_fp32", "split_edge_int8": "split_edge_int8",
                       "split_hub": "split_hub", "split_bottleneck": "split_bottleneck"}
-#: Roles a machine may lack on disk without it being an error (unless asked for explicitly): the hub
-#: does not need the edge parts, an agent neither the checkpoint nor the hub part, and an agent
-#: updated over the air fetches only what it runs (the INT8 model), not the FP32 one.
-OPTIONAL_ROLES = frozenset({"onnx_fp32", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
-                            "split_bottleneck"})
 _CHUNK = 1 << 20  # 1 MiB
 
 Role = Literal["onnx_fp32", "onnx_int8", "checkpoint", "split_edge_fp32", "split_edge_int8", "split_hub",
@@ -305,8 +300,10 @@ def load_bundle(directory: str | Path, roles: Iterable[str] = ("onnx_int8",), ve
     """Load the bundle at ``directory``.
 
     Every role in ``roles`` must be listed and present. With ``verify``, the SHA-256 and size of
-    every listed file that is present are checked, requested or not; a listed file that is
-    absent is an error unless its role is optional (:data:`OPTIONAL_ROLES`) and not requested.
+    every listed file that is present are checked, requested or not. A listed file that is absent
+    is an error only when its role is requested: a machine keeps what it runs (the hub no edge parts;
+    an agent neither the checkpoint nor the hub part, and one updated over the air only its
+    mode's files: the INT8 model, or in split mode only the edge part).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -322,7 +319,7 @@ def load_bundle(directory: str | Path, roles: Iterable[str] = ("onnx_int8",), ve
     for role, entry in manifest.files.items():
         path = directory / entry.path
         if not path.is_file():
-            if role in roles or role not in OPTIONAL_ROLES:
+            if role in roles:
                 raise BundleError(
                     f"{path}: missing (role {role!r}, expected sha256 {entry.sha256}, actual: no file)"
                 )

@@ -96,23 +96,31 @@ def sign_bundle(bundle_dir: Path, key: Ed25519PrivateKey) -> Path:
     return bundle_dir / SIGNATURE_FILE
 
 
-def rebadge_bundle(src: Path, out: Path, version: str, key: Path | None) -> Path:
-    """A bundle ``version`` (parent: ``src``'s version) at ``out`` with ``src``'s INT8 model, its
-    ONNX metadata rewritten to the new version; signed with the private key file ``key`` (None:
-    unsigned). For rollout drills and tests: the weights are ``src``'s."""
+def rebadge_bundle(src: Path, out: Path, version: str, key: Path | None,
+                   roles: Sequence[str] = ("onnx_int8",)) -> Path:
+    """A bundle ``version`` (parent: ``src``'s version) at ``out`` with ``src``'s ``roles`` (its
+    ONNX files' metadata rewritten to the new version, as a release writes them); signed with the
+    private key file ``key`` (None: unsigned). For rollout drills and tests: the weights are ``src``'s.
+    The split parts' description goes with them when ``roles`` holds the edge part."""
     import shutil
 
     from models.bundle import write_bundle
-    from models.onnx_meta import write_metadata
+    from models.onnx_meta import read_metadata, write_metadata
 
-    b = load_bundle(src, roles=("onnx_int8",))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx = out.parent / f"{version}-model_int8.onnx"
-    shutil.copyfile(b.path("onnx_int8"), onnx)
-    write_metadata(onnx, {"bundle_version": version})
+    b = load_bundle(src, roles=tuple(roles))
     m = b.manifest
-    write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
-                 input_size=m.input_size, files={"onnx_int8": onnx}, postprocessing=m.postprocessing)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as stage:
+        files = {}
+        for role in roles:
+            files[role] = Path(stage) / b.path(role).name
+            shutil.copyfile(b.path(role), files[role])
+            if files[role].suffix == ".onnx":
+                write_metadata(files[role], {**read_metadata(files[role]), "bundle_version": version})
+        write_bundle(out, name=m.name, version=version, parent_version=m.version, classes=m.classes,
+                     input_size=m.input_size, files=files, preprocessing=m.preprocessing,
+                     postprocessing=m.postprocessing, quantization=m.quantization,
+                     split=m.split if "split_edge_int8" in roles else None)
     if key is not None:
         sign_bundle(out, load_private_key(key))
     return out

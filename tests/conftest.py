@@ -52,29 +52,6 @@ def sample_frames(start: int, stop: int, step: int) -> list[Any]:
     return out
 
 
-def restamped_bundle(src: Path, dst: Path, version: str, roles: tuple[str, ...]) -> Path:
-    """A new bundle version ``version`` at ``dst`` with ``src``'s ``roles`` (ONNX files re-stamped
-    with the version, as a release writes them; other files copied): a real update to test with."""
-    from models.bundle import load_bundle, write_bundle
-    from models.onnx_meta import read_metadata, write_metadata
-
-    b = load_bundle(src, roles=roles)
-    m = b.manifest
-    stage = dst.with_name(f".{dst.name}.files")
-    stage.mkdir(parents=True)
-    files = {}
-    for role in roles:
-        files[role] = stage / b.path(role).name
-        shutil.copyfile(b.path(role), files[role])
-        if files[role].suffix == ".onnx":
-            write_metadata(files[role], {**read_metadata(files[role]), "bundle_version": version})
-    write_bundle(dst, name=m.name, version=version, parent_version=m.version, classes=m.classes,
-                 input_size=m.input_size, files=files, preprocessing=m.preprocessing,
-                 postprocessing=m.postprocessing, quantization=m.quantization, split=m.split)
-    shutil.rmtree(stage)
-    return dst
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,8 @@ from lineguard_contract.features import SplitResultPayload, decode_features, enc
 from models.bundle import load_bundle
 from models.detections import Detections
 from models.processing import letterbox
-from tests.conftest import free_port, restamped_bundle, sample_frames
+from models.signing import rebadge_bundle
+from tests.conftest import free_port, sample_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "default"
@@ -227,6 +228,53 @@ def test_a_swap_hands_the_replaced_detector_its_answers(bundle: Any, frames: lis
     assert st["split_frames"] == 3 and st.get("late_results", 0) == 0, st  # 2 carried over at the swap, 1 its own
 
 
+class ScriptedHub(MemoryTransport):
+    """Answers feature messages with ``status`` (None: never), keeping each message's header."""
+
+    def __init__(self, status: str | None) -> None:
+        super().__init__()
+        self.status, self.headers = status, []
+
+    def publish(self, message: Message) -> int:
+        mid = super().publish(message)
+        header, _ = decode_features(message.payload)
+        self.headers.append(header)
+        if self.status is not None:
+            self.deliver(Topics().station(STATION, "split_results"), encode_split_result(SplitResultPayload(
+                request_id=header.request_id, camera=header.camera, bundle_version=header.bundle_version,
+                status=self.status, reason="no head for bundle version here" if self.status == "refused" else "")))
+        return mid
+
+
+@pytest.mark.parametrize(("mode", "status", "loads", "unanswered"), [
+    ("split", "ok", True, 0),
+    ("split", "refused", False, 0),  # the update is refused: every frame would go undecided
+    ("auto", "refused", True, 0),  # it runs locally instead
+    ("split", None, True, 1),  # a hub away is away for every version: the swap goes on
+])
+def test_an_update_warms_the_hubs_head_before_the_swap(bundle: Any, mode: str, status: str | None, loads: bool,
+                                                      unanswered: int) -> None:
+    """A split detector replacing another sends the hub one frame of its version and waits for the
+    answer before it is swapped in, so the hub loads that version's head while the old detector
+    still runs the line; the frame carries the warm-up's deadline, not a live frame's."""
+    t = ScriptedHub("ok")
+    t.start()
+    fallback = local(bundle) if mode == "auto" else None
+    old = SplitDetector(bundle, t, STATION, "agent-st03", mode=mode, fallback=fallback, deadline_ms=250)
+    old.load()
+    assert t.headers == []  # a first start sends nothing
+    t.status = status
+    new = SplitDetector(bundle, t, STATION, "agent-st03", mode=mode, fallback=local(bundle) if fallback else None,
+                        deadline_ms=250, previous=old, hub_warmup_s=0.5)
+    if loads:
+        new.load()
+    else:
+        with pytest.raises(DetectorError, match="cannot run bundle 1.2.0's head"):
+            new.load()
+    assert len(t.headers) == 1 and t.headers[0].deadline_ms == 500.0, t.headers
+    assert new.stats().get("hub_warmup_unanswered", 0) == unanswered
+
+
 def test_a_split_agent_takes_an_update_and_the_hub_loads_its_head(mosquitto_broker: Any, tmp_path: Path) -> None:
     """A split agent with a bundle store installs 1.3.0 (edge part and local model), swaps to it
     between frames, and the head service, which was started with 1.2.0 only, loads 1.3.0's head
@@ -236,7 +284,8 @@ def test_a_split_agent_takes_an_update_and_the_hub_loads_its_head(mosquitto_brok
     from tests.edge_agent.test_agent import _cfg
 
     bundles = tmp_path / "hub" / "bundles"
-    new = restamped_bundle(BUNDLE, bundles / "1.3.0", "1.3.0", ("onnx_int8", "split_edge_int8", "split_hub"))
+    new = rebadge_bundle(BUNDLE, bundles / "1.3.0", "1.3.0", None,
+                         roles=("onnx_int8", "split_edge_int8", "split_hub"))
     hub_cfg = build_hub_config({"data_dir": str(tmp_path / "hub"),
                                 "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto_broker.port}"},
                                 "heads": {"bundles": [str(BUNDLE)], "bundles_dir": str(bundles), "threads": 1,

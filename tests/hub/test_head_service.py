@@ -24,8 +24,9 @@ from lineguard_contract.features import FeatureHeader, decode_split_result, enco
 from models.bundle import load_bundle
 from models.feature_codec import FeatureSpec, encode_codes
 from models.processing import postprocess, preprocess_batch
+from models.signing import rebadge_bundle
 from models.split_runtime import SplitEdgeRunner, SplitHubRunner
-from tests.conftest import free_port, restamped_bundle, sample_frames
+from tests.conftest import free_port, sample_frames
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "default"
 TOPICS = Topics()
@@ -122,7 +123,7 @@ def test_a_version_not_deployed_is_loaded_from_the_bundles_dir_once(service: Any
     kept; a version that is not there, a directory whose manifest says another version, and a
     path are refused, each looked for once (then remembered as missing)."""
     bdir = tmp_path / "bundles"
-    restamped_bundle(BUNDLE, bdir / "1.3.0", "1.3.0", ("split_edge_int8", "split_hub"))
+    rebadge_bundle(BUNDLE, bdir / "1.3.0", "1.3.0", None, roles=("split_edge_int8", "split_hub"))
     shutil.copytree(BUNDLE, bdir / "1.4.0")  # its manifest says 1.2.0
     asked: list[str] = []
     load = bundles_dir_loader(bdir, 2)
@@ -147,6 +148,37 @@ def test_a_version_not_deployed_is_loaded_from_the_bundles_dir_once(service: Any
     assert asked == ["1.3.0", "2.0.0", "1.4.0", "../bundles/1.3.0"]  # never for a deployed or loaded version
     stats = svc.stats()
     assert stats["heads_loaded"] == 1 and stats["heads_not_found"] == 3 and stats["refused_version"] == 4, stats
+
+
+def test_a_head_loading_holds_up_only_its_own_version(service: Any, edge: SplitEdgeRunner, bundle: Any,
+                                                     frames: list[np.ndarray], tmp_path: Path) -> None:
+    """While 1.3.0's head loads (1.5 s here), frames of the deployed version are answered at once;
+    1.3.0's frames wait for the load and are answered after it, one load for all of them."""
+    bdir = tmp_path / "bundles"
+    rebadge_bundle(BUNDLE, bdir / "1.3.0", "1.3.0", None, roles=("split_edge_int8", "split_hub"))
+    load = bundles_dir_loader(bdir, 2)
+    loads: list[str] = []
+
+    def slow(version: str) -> Any:
+        loads.append(version)
+        time.sleep(1.5)
+        return load(version)
+
+    svc, pub = service(loader=slow, max_delay_ms=2)
+    batch, _ = preprocess_batch(frames[:1], tuple(bundle.manifest.input_size))
+    msg = encode_codes(edge.run(batch)[0], edge.spec)
+    t0 = time.monotonic()
+    for i in range(3):
+        svc.submit(FEATURES, encode_features(header(edge.spec, "1.3.0", f"new-{i}"), msg))
+    for i in range(3):
+        svc.submit(FEATURES, encode_features(header(edge.spec, bundle.manifest.version, f"old-{i}"), msg))
+    old = pub.wait(3)
+    assert time.monotonic() - t0 < 1.0 and {r.request_id for r in old} == {"old-0", "old-1", "old-2"}, old
+    results = pub.wait(6)
+    assert [r.status for r in results[3:]] == ["ok"] * 3 and {r.bundle_version for r in results[3:]} == {"1.3.0"}
+    stats = svc.stats()
+    assert loads == ["1.3.0"] and stats["heads_loaded"] == 1 and stats["received"] == 6, stats
+    assert stats["answered"] == 6 and stats.get("expired", 0) == 0, stats
 
 
 @pytest.mark.parametrize(("change", "counter", "reason"), [

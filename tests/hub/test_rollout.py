@@ -292,3 +292,34 @@ def test_a_split_agent_refuses_a_bundle_without_split_parts_for_good(fleet: Flee
         assert sw.version == "1.0.0" and store.current_version() == "1.0.0"
     finally:
         updater.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_split_agent_fetches_and_installs_only_its_edge_part(fleet: Fleet) -> None:
+    """An agent in split mode (``split.mode: split``) downloads the edge part alone, not the full
+    model it never runs, and its store installs that (it refused every update before: the store
+    asked for the full model's file)."""
+    roles = ("onnx_int8", "split_edge_int8", "split_hub")
+    base = ROOT / "models" / "default"
+    for v in ("2.2.0", "2.3.0"):
+        fleet.bundles[v] = rebadge_bundle(base, fleet.tmp / "hub-bundles" / v, v, fleet.keys[0], roles=roles)
+        with fleet.sessions.begin() as s:
+            register(s, fleet.bundles[v], actor="test")
+    store = BundleStore(fleet.tmp / "split-agent", public_keys=load_public_keys([fleet.keys[1]]),
+                        roles=("split_edge_int8",))
+    store.install(fleet.bundles["2.2.0"])
+    activated: list[str] = []
+    updater = ModelUpdater(store, BundleFetcher(token=fleet.token), lambda b: activated.append(b.manifest.version),
+                           roles=("split_edge_int8",))
+    updater.start()
+    try:
+        updater.handle(encode(fleet.announcement("2.3.0")))
+        deadline = time.monotonic() + 20
+        while updater.counters["updated"] < 1:
+            assert time.monotonic() < deadline, (updater.counters, updater.last_error)
+            time.sleep(0.02)
+        assert activated == ["2.3.0"] and store.current_version() == "2.3.0"
+        kept = {p.name for p in (store.root / "versions" / "2.3.0").iterdir()}
+        assert "split_edge_int8.onnx" in kept and "model_int8.onnx" not in kept, kept
+    finally:
+        updater.stop()

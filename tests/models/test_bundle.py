@@ -120,6 +120,16 @@ def test_an_agent_may_carry_only_the_int8_model(bundle_dir: Path) -> None:
     assert b.has("onnx_int8") and not b.has("onnx_fp32")
 
 
+def test_a_split_agent_may_carry_only_the_edge_part(bundle_dir: Path, sources: dict[str, Path]) -> None:
+    """What a split agent's update fetches: the edge part, not the full model (which it never runs)."""
+    out = bundle_dir.parent / "split"
+    _write(out, sources, files={"onnx_int8": sources["onnx_int8"], "split_edge_int8": sources["onnx_int8"]})
+    (out / "model_int8.onnx").unlink()
+    assert load_bundle(out, roles=("split_edge_int8",)).has("split_edge_int8")
+    with pytest.raises(BundleError, match="model_int8.onnx"):
+        load_bundle(out, roles=("onnx_int8",))
+
+
 def test_requested_role_not_listed(tmp_path: Path, sources: dict[str, Path]) -> None:
     out = tmp_path / "b"
     _write(out, sources, files={"onnx_int8": sources["onnx_int8"]})
