@@ -141,6 +141,8 @@ def main() -> int:
                          "started with 1.0.0 only) answers and loads 1.1.0's head when first asked")
     ap.add_argument("--heads-runtime", choices=["onnx", "torch"], default="onnx",
                     help="split mode: the head service's runtime (torch: FP16 on the GPU, as a GPU hub runs it)")
+    ap.add_argument("--heads-threads", type=int, default=None,
+                    help="split mode: the head service's ONNX Runtime threads (default: ONNX Runtime's, one per core)")
     ap.add_argument("--heads-process", action="store_true",
                     help="split mode: the head service in its own process (as a hub runs it), not this one")
     ap.add_argument("--deadline-ms", type=float, default=250.0,
@@ -176,7 +178,7 @@ def main() -> int:
     hub_cfg: dict[str, Any] = {"data_dir": str(work / "hub"), "mqtt": {"url": f"mqtt://127.0.0.1:{port}"}}
     if args.mode == "split":
         hub_cfg["heads"] = {"bundles": [str(old)], "bundles_dir": str(work / "bundles"), "max_delay_ms": 2,
-                            "runtime": args.heads_runtime}
+                            "runtime": args.heads_runtime, "threads": args.heads_threads}
     config = build_config(hub_cfg)
     heads: Any = None
     if args.mode == "split" and args.heads_process:  # as on a hub: `lineguard-hub heads`, its own interpreter
@@ -252,6 +254,7 @@ def main() -> int:
         "detector": "split edge INT8 + hub head service" if args.mode == "split" else args.detector,
         "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
         "head_runtime": args.heads_runtime if args.mode == "split" else None,
+        "head_threads": args.heads_threads if args.mode == "split" else None,
         "fps_per_agent": args.fps, "deadline_ms": args.deadline_ms if args.mode == "split" else None,
         "bundle_bytes_per_agent": sum(new.joinpath(load_bundle(new, roles=(r,)).path(r).name).stat().st_size
                                       for r in ROLES[args.mode]),
