@@ -89,6 +89,8 @@ class SimAgent:
         self.updater = ModelUpdater(self.store, BundleFetcher(token=token), self._activate, roles=ROLES[mode])
         self.mqtt.subscribe(Topics().station(self.station, "model"), lambda t, p: self.updater.handle(p))
         self.fps, self.frames, self.failed, self.undecided = fps, 0, 0, 0
+        self.phase = np.random.default_rng(k).uniform()
+        self.replaced: Detector | None = None
         self.updated_at: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._frames, daemon=True)
@@ -103,8 +105,18 @@ class SimAgent:
         return OnnxDetector(bundle, workers=1, threads=1) if self.detector == "onnx" else StubDetector(bundle)
 
     def _activate(self, bundle: Bundle) -> None:
-        self.sw.swap(self._make(bundle, self.sw.active))
+        self.replaced = self.sw.active
+        self.late_at_swap = self.replaced.stats().get("late_results", 0) if self.mode == "split" else 0
+        self.sw.swap(self._make(bundle, self.replaced))
         self.updated_at = time.monotonic()
+
+    def late_answers(self) -> int:
+        """Answers that came after the agent's deadline, the replaced detector's after the swap
+        included (the new one took over its counters when it loaded)."""
+        late = self.sw.active.stats().get("late_results", 0)
+        if self.replaced is not None and self.replaced is not self.sw.active:
+            late += self.replaced.stats().get("late_results", 0) - self.late_at_swap
+        return int(late)
 
     def start(self) -> None:
         self.updater.start()
@@ -113,7 +125,10 @@ class SimAgent:
 
     def _frames(self) -> None:
         frame = np.zeros((720, 1280, 3), np.uint8)
-        period, nxt = 1.0 / self.fps, time.monotonic()
+        period = 1.0 / self.fps
+        # cameras are not in step: each agent's frames start at its own point of the period
+        nxt = time.monotonic() + self.phase * period
+        self.stop.wait(self.phase * period)
         while not self.stop.is_set():
             try:
                 dets = self.sw.detect([frame])
@@ -266,8 +281,7 @@ def main() -> int:
         "frames_failed": sum(a.failed for a in agents),
         "frames_undecided_before": undecided0,  # the 2 s on 1.0.0 before the announcement
         "frames_undecided_during": sum(a.undecided for a in agents) - undecided0,
-        "late_answers": (sum(a.sw.active.stats().get("late_results", 0) for a in agents)
-                         if args.mode == "split" else None),  # past the agent's deadline: undecided
+        "late_answers": sum(a.late_answers() for a in agents) if args.mode == "split" else None,
         "head_service": head_stats,
         "refusals": sum(sum(v for k, v in a.updater.counters.items() if k not in ("updated", "already_current"))
                         for a in agents),
