@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,108 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 from _common import emit_json, free_port, start_broker  # noqa: E402
+from _rollout_agents import ROLES, LocalFleet, ProcessFleet  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from edge_agent.bundle_store import BundleStore  # noqa: E402
-from edge_agent.detector import Detector, DetectorError, OnnxDetector  # noqa: E402
-from edge_agent.mqtt import MqttConfig, MqttTransport  # noqa: E402
-from edge_agent.ota import BundleFetcher, ModelUpdater  # noqa: E402
-from edge_agent.split_detector import SplitDetector  # noqa: E402
-from edge_agent.swap import SwappableDetector  # noqa: E402
-from lineguard_contract import StationId, Topics  # noqa: E402
-from models.bundle import Bundle, load_bundle  # noqa: E402
-from models.detections import Detections  # noqa: E402
-from models.signing import generate_keypair, load_public_keys, rebadge_bundle  # noqa: E402
-
-#: what each agent installs, by mode (as ``edge_agent.agent.Agent.bundle_roles``)
-ROLES = {"full": ("onnx_int8",), "split": ("split_edge_int8",)}
-
-
-class StubDetector(Detector):
-    """The bundle's manifest and INT8 file, no inference (2 ms per frame)."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self._configure(bundle, None, None)
-
-    def load(self) -> None:
-        if not self.bundle.path("onnx_int8").is_file():
-            raise DetectorError(f"{self.bundle.path('onnx_int8')} missing")
-
-    def detect(self, frames: Sequence[np.ndarray]) -> list[Detections]:
-        time.sleep(0.002)
-        return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
-                for _ in frames]
-
-
-class SimAgent:
-    def __init__(self, k: int, work: Path, seed: Path, keys: Any, port: int, token: str, fps: float,
-                 detector: str, mode: str, deadline_ms: float = 250.0) -> None:
-        self.station = StationId("bench", "line", f"st{k:03d}")
-        self.agent_id = f"bench-agent-{k:03d}"
-        self.store = BundleStore(work / f"agent{k:03d}", public_keys=keys, roles=ROLES[mode])
-        self.store.install(seed)
-        self.mqtt = MqttTransport(MqttConfig(client_id=self.agent_id, port=port))
-        self.detector, self.mode, self.deadline_ms = detector, mode, deadline_ms
-        self.sw = SwappableDetector(self._make(self.store.current(), None))
-        self.sw.load()
-        self.updater = ModelUpdater(self.store, BundleFetcher(token=token), self._activate, roles=ROLES[mode])
-        self.mqtt.subscribe(Topics().station(self.station, "model"), lambda t, p: self.updater.handle(p))
-        self.fps, self.frames, self.failed, self.undecided = fps, 0, 0, 0
-        self.phase = np.random.default_rng(k).uniform()
-        self.replaced: Detector | None = None
-        self.updated_at: float | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._frames, daemon=True)
-
-    def _make(self, bundle: Bundle, previous: Detector | None) -> Detector:
-        """As the agent's ``_detector_for``: the full model, or the split edge part whose answers
-        come from the hub's head service (no local fallback: a missed answer is an undecided frame)."""
-        if self.mode == "split":
-            return SplitDetector(load_bundle(bundle.dir, roles=("split_edge_int8",)), self.mqtt, self.station,
-                                 self.agent_id, mode="split", threads=1, deadline_ms=self.deadline_ms,
-                                 previous=previous if isinstance(previous, SplitDetector) else None)
-        return OnnxDetector(bundle, workers=1, threads=1) if self.detector == "onnx" else StubDetector(bundle)
-
-    def _activate(self, bundle: Bundle) -> None:
-        self.replaced = self.sw.active
-        self.late_at_swap = self.replaced.stats().get("late_results", 0) if self.mode == "split" else 0
-        self.sw.swap(self._make(bundle, self.replaced))
-        self.updated_at = time.monotonic()
-
-    def late_answers(self) -> int:
-        """Answers that came after the agent's deadline, the replaced detector's after the swap
-        included (the new one took over its counters when it loaded)."""
-        late = self.sw.active.stats().get("late_results", 0)
-        if self.replaced is not None and self.replaced is not self.sw.active:
-            late += self.replaced.stats().get("late_results", 0) - self.late_at_swap
-        return int(late)
-
-    def start(self) -> None:
-        self.updater.start()
-        self.mqtt.start()
-        self.thread.start()
-
-    def _frames(self) -> None:
-        frame = np.zeros((720, 1280, 3), np.uint8)
-        period = 1.0 / self.fps
-        # cameras are not in step: each agent's frames start at its own point of the period
-        nxt = time.monotonic() + self.phase * period
-        self.stop.wait(self.phase * period)
-        while not self.stop.is_set():
-            try:
-                dets = self.sw.detect([frame])
-                self.frames += 1
-                self.undecided += sum(d.undecided for d in dets)
-            except Exception:
-                self.failed += 1
-            nxt += period
-            self.stop.wait(max(0.0, nxt - time.monotonic()))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.updater.stop()
-        self.mqtt.stop()
+from models.bundle import load_bundle  # noqa: E402
+from models.signing import generate_keypair, rebadge_bundle  # noqa: E402
 
 
 def main() -> int:
@@ -163,6 +65,8 @@ def main() -> int:
     ap.add_argument("--deadline-ms", type=float, default=250.0,
                     help="split mode: how long an agent waits for the hub's answer (the agent config's default)")
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
+    ap.add_argument("--agent-processes", type=int, default=1,
+                    help="spread the agents over this many processes (1: all in this one)")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -227,32 +131,30 @@ def main() -> int:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    keys = load_public_keys([pub])
-    agents = [SimAgent(k, work / "agents", old, keys, port, token, args.fps, args.detector, args.mode,
-                       args.deadline_ms)
-              for k in tqdm(range(args.agents), desc="agents")]
-    for a in agents:
-        a.start()
+    specs = [{"k": k, "work": work / "agents", "seed": old, "public_key": pub, "port": port, "token": token,
+              "fps": args.fps, "detector": args.detector, "mode": args.mode, "deadline_ms": args.deadline_ms}
+             for k in range(args.agents)]
+    fleet = ProcessFleet(specs, args.agent_processes) if args.agent_processes > 1 else LocalFleet(specs)
+    fleet.start()
     time.sleep(2.0)  # every agent connected and running frames on 1.0.0
-    frames0, undecided0 = sum(a.frames for a in agents), sum(a.undecided for a in agents)
-    t0 = time.monotonic()
+    before = fleet.snapshot()
+    t0, t0_wall = time.monotonic(), time.time()
     with sessions.begin() as s, RetainedPublisher(config.mqtt, "bench-rollout") as pub_mqtt:
         n = promote(s, pub_mqtt.publish, "1.1.0", public_url=f"http://127.0.0.1:{http_port}", actor="bench",
                     reason="bench")
     t_announced = time.monotonic() - t0
     bar = tqdm(total=args.agents, desc="updated")
     while True:
-        done = sum(a.sw.version == "1.1.0" for a in agents)
+        done = fleet.snapshot()["updated"]
         bar.n = done
         bar.refresh()
         if done == args.agents or time.monotonic() - t0 > args.timeout:
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     bar.close()
     elapsed = time.monotonic() - t0
     time.sleep(1.0)  # frames keep flowing on the new version
-    for a in agents:
-        a.close()
+    after = fleet.close()
     head_stats = heads.service.stats() if heads is not None and not args.heads_process else None
     if args.heads_process and heads is not None:
         heads.terminate()
@@ -261,11 +163,11 @@ def main() -> int:
         heads.stop()
     server.should_exit = True
     stop_broker()
-    times = sorted(a.updated_at - t0 for a in agents if a.updated_at is not None)
+    times = sorted(t - t0_wall for t in after["update_times"])
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "broker": broker_name, "agents": args.agents, "mode": args.mode,
+        "broker": broker_name, "agents": args.agents, "agent_processes": args.agent_processes, "mode": args.mode,
         "detector": "split edge INT8 + hub head service" if args.mode == "split" else args.detector,
         "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
         "head_runtime": args.heads_runtime if args.mode == "split" else None,
@@ -277,15 +179,14 @@ def main() -> int:
         "all_updated": len(times) == args.agents, "rollout_s": round(elapsed, 2),
         "update_s_p50": round(float(np.percentile(times, 50)), 2) if times else None,
         "update_s_max": round(times[-1], 2) if times else None,
-        "frames_during": sum(a.frames for a in agents) - frames0,
-        "frames_failed": sum(a.failed for a in agents),
-        "frames_undecided_before": undecided0,  # the 2 s on 1.0.0 before the announcement
-        "frames_undecided_during": sum(a.undecided for a in agents) - undecided0,
-        "late_answers": sum(a.late_answers() for a in agents) if args.mode == "split" else None,
+        "frames_during": after["frames"] - before["frames"],
+        "frames_failed": after["failed"],
+        "frames_undecided_before": before["undecided"],  # the 2 s on 1.0.0 before the announcement
+        "frames_undecided_during": after["undecided"] - before["undecided"],
+        "late_answers": after["late"],
         "head_service": head_stats,
-        "refusals": sum(sum(v for k, v in a.updater.counters.items() if k not in ("updated", "already_current"))
-                        for a in agents),
-        "refusal_errors": sorted({a.updater.last_error for a in agents if a.updater.last_error})[:5],
+        "refusals": after["refusals"],
+        "refusal_errors": after["refusal_errors"][:5],
     }
     emit_json(result, args.json)
     shutil.rmtree(work, ignore_errors=True)
