@@ -148,7 +148,6 @@ class _Item:
     requeued: bool = False  # back from waiting for its version's head to load
 
 
-_LOADING = "loading"  # _head(): the version's head is being loaded; the item waits for it
 
 
 class HeadService:
@@ -234,10 +233,10 @@ class HeadService:
             except (ContractError, ValueError) as e:
                 self._dead_letter(item, f"malformed feature message: {e}")
                 continue
-            head = self._head(header.bundle_version, item)
-            if head == _LOADING:
+            head = self.heads.get(header.bundle_version)
+            if head is None and self._waits_for_load(header.bundle_version, item):
                 continue
-            assert not isinstance(head, str)
+            head = head or self.heads.get(header.bundle_version)  # loaded meanwhile
             spec = FeatureSpec(header.cut, header.channels, header.height, header.width, header.bits, header.codec)
             if head is None:
                 self._refuse(station, header, f"no head for bundle version {header.bundle_version!r} here "
@@ -261,23 +260,22 @@ class HeadService:
             for start in range(0, len(rows), self.max_batch):
                 self._run_head(head, rows[start:start + self.max_batch])
 
-    def _head(self, version: str, item: _Item) -> Head | None | str:
-        """The head for ``version``: deployed or loaded; None: not here; :data:`_LOADING`: being
-        loaded (``item`` waits for it and comes back through the queue)."""
-        head = self.heads.get(version)
-        if head is not None or self.loader is None:
-            return head
+    def _waits_for_load(self, version: str, item: _Item) -> bool:
+        """True when ``item`` is to wait for ``version``'s head, loading in its own thread (started
+        here when none is): it comes back through the queue once the load ends. False when there is
+        no loader, the head has been loaded, or the version was not found lately."""
+        if self.loader is None:
+            return False
         with self._lock:
-            head = self.heads.get(version)  # loaded since the look above
-            if head is not None or self._missing.get(version, 0.0) > time.monotonic():
-                return head
+            if version in self.heads or self._missing.get(version, 0.0) > time.monotonic():
+                return False
             waiting = self._loading.get(version)
             if waiting is None:
                 self._loading[version] = waiting = []
                 threading.Thread(target=self._load, args=(version,), name=f"head-load-{version}"[:60],
                                  daemon=True).start()
             waiting.append(item)
-        return _LOADING
+        return True
 
     def _load(self, version: str) -> None:
         """Load ``version``'s head (its own thread), then send back the items that waited for it."""
@@ -299,8 +297,7 @@ class HeadService:
                 self.counters["heads_loaded"] += 1
             waiting = self._loading.pop(version, [])
         if head is not None:
-            log.info("head for bundle %s loaded on request: cut %d, codes %s at %d bits", version, head.spec.cut,
-                     head.spec.shape, head.spec.bits)
+            log.info("head for bundle %s loaded on request (%d frames waited for it)", version, len(waiting))
         for item in waiting:
             self._queue.put(_Item(item.topic, item.data, item.received, requeued=True))
 
