@@ -65,6 +65,7 @@ class SimAgent:
         self.fps, self.frames, self.failed, self.undecided = fps, 0, 0, 0
         self.phase = np.random.default_rng(k).uniform()
         self.replaced: Detector | None = None
+        self.at_swap: dict[str, Any] = {}  # the replaced detector's counters when it was replaced
         self.updated_at: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._frames, daemon=True)
@@ -80,17 +81,31 @@ class SimAgent:
 
     def _activate(self, bundle: Bundle) -> None:
         self.replaced = self.sw.active
-        self.late_at_swap = self.replaced.stats().get("late_results", 0) if self.mode == "split" else 0
+        self.at_swap = self.replaced.stats() if self.mode == "split" else {}
         self.sw.swap(self._make(bundle, self.replaced))
         self.updated_at = time.time()  # wall clock: agents may run in other processes
 
     def late_answers(self) -> int:
-        """Answers that came after the agent's deadline, the replaced detector's after the swap
-        included (the new one took over its counters when it loaded)."""
-        late = self.sw.active.stats().get("late_results", 0)
+        """Answers that came after the agent's deadline, the replaced detector's after the swap included."""
+        return self.split_counter("late_results")
+
+    def late_hub_ms(self) -> list[float]:
+        """The hub's time (``hub_ms``) in each late answer: near the deadline, the hub was slow;
+        small, the answer was late on the way (broker, this agent's process)."""
+        if self.mode != "split":
+            return []
+        dets = {id(d): d for d in (self.sw.active, self.replaced) if d is not None}
+        return [ms for d in dets.values() for ms in d.late_hub_ms]
+
+    def split_counter(self, key: str) -> int:
+        """A split detector counter over the whole run: the active detector's (a new one takes over
+        the replaced one's counters when it loads) plus what the replaced one counted after the swap."""
+        if self.mode != "split":
+            return 0
+        n = self.sw.active.stats().get(key, 0)
         if self.replaced is not None and self.replaced is not self.sw.active:
-            late += self.replaced.stats().get("late_results", 0) - self.late_at_swap
-        return int(late)
+            n += self.replaced.stats().get(key, 0) - self.at_swap.get(key, 0)
+        return int(n)
 
     def start(self) -> None:
         self.updater.start()
@@ -124,6 +139,9 @@ def _totals(agents: list[SimAgent]) -> dict[str, Any]:
     return {"frames": sum(a.frames for a in agents), "failed": sum(a.failed for a in agents),
             "undecided": sum(a.undecided for a in agents),
             "late": sum(a.late_answers() for a in agents) if agents and agents[0].mode == "split" else None,
+            "late_hub_ms": [ms for a in agents for ms in a.late_hub_ms()],
+            "messages_sent": sum(a.split_counter("messages_sent") for a in agents),
+            "send_failures": sum(a.split_counter("send_failures") for a in agents),
             "updated": sum(a.updated_at is not None for a in agents),
             "update_times": [a.updated_at for a in agents if a.updated_at is not None],
             "refusals": sum(sum(v for k, v in a.updater.counters.items() if k not in ("updated", "already_current"))

@@ -25,10 +25,9 @@ rollout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from _common import emit_json, free_port, start_broker  # noqa: E402
+from _common import cpu_model, emit_json, free_port, start_broker  # noqa: E402
 from _rollout_agents import ROLES, LocalFleet, ProcessFleet  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -67,6 +66,8 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, default=Path("models/default"))
     ap.add_argument("--agent-processes", type=int, default=1,
                     help="spread the agents over this many processes (1: all in this one)")
+    ap.add_argument("--settle-s", type=float, default=2.0,
+                    help="seconds the fleet runs on 1.0.0 before the announcement; the last 2 are counted as 'before'")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -78,7 +79,7 @@ def main() -> int:
     from hub.blobs import FileBlobStore
     from hub.core.config import build_config
     from hub.core.db import make_engine, make_session_factory, upgrade
-    from hub.head_service import HEAD_ROLES
+    from hub.heads import HEAD_ROLES
     from hub.mqtt import RetainedPublisher
     from hub.registry import register
     from hub.rollout import promote
@@ -106,8 +107,9 @@ def main() -> int:
         import yaml
 
         (work / "hub.yaml").write_text(yaml.safe_dump(hub_cfg))
+        heads_log = (work / "heads.log").open("w")  # its warnings (slow answers) go into the result
         heads = subprocess.Popen([sys.executable, "-m", "hub.cli", "heads", "-c", str(work / "hub.yaml")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                 stdout=subprocess.PIPE, stderr=heads_log, text=True)
         heads.stdout.readline()  # "LineGuard head service running ..." once subscribed (or timed out)
     elif args.mode == "split":
         heads = start_heads(config, client_id="bench-heads")
@@ -121,9 +123,7 @@ def main() -> int:
         token = create_token(s, "fleet", "agents")
         for k in range(args.agents):
             s.add(Station(site="bench", line="line", station=f"st{k:03d}", created_at=datetime.now(UTC)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        http_port = sock.getsockname()[1]
+    http_port = free_port()
     app = create_app(HubContext(config, make_session_factory(engine, immediate=True), FileBlobStore(config.blob_dir),
                                 read_sessions=make_session_factory(engine)))  # as hub.server.serve
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="warning",
@@ -136,7 +136,9 @@ def main() -> int:
              for k in range(args.agents)]
     fleet = ProcessFleet(specs, args.agent_processes) if args.agent_processes > 1 else LocalFleet(specs)
     fleet.start()
-    time.sleep(2.0)  # every agent connected and running frames on 1.0.0
+    time.sleep(max(0.0, args.settle_s - 2.0))  # frames on 1.0.0 before the counted window
+    start = fleet.snapshot()
+    time.sleep(min(2.0, args.settle_s))  # the counted window: every agent connected and running frames on 1.0.0
     before = fleet.snapshot()
     t0, t0_wall = time.monotonic(), time.time()
     with sessions.begin() as s, RetainedPublisher(config.mqtt, "bench-rollout") as pub_mqtt:
@@ -159,6 +161,7 @@ def main() -> int:
     if args.heads_process and heads is not None:
         heads.terminate()
         heads.wait(10)
+        head_stats = _final_counts(work / "heads.log")
     elif heads is not None:
         heads.stop()
     server.should_exit = True
@@ -166,7 +169,7 @@ def main() -> int:
     times = sorted(t - t0_wall for t in after["update_times"])
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "broker": broker_name, "agents": args.agents, "agent_processes": args.agent_processes, "mode": args.mode,
         "detector": "split edge INT8 + hub head service" if args.mode == "split" else args.detector,
         "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
@@ -181,16 +184,42 @@ def main() -> int:
         "update_s_max": round(times[-1], 2) if times else None,
         "frames_during": after["frames"] - before["frames"],
         "frames_failed": after["failed"],
-        "frames_undecided_before": before["undecided"],  # the 2 s on 1.0.0 before the announcement
+        "settle_s": args.settle_s,
+        "frames_undecided_before": before["undecided"] - start["undecided"],  # the 2 s before the announcement
+        "frames_undecided_settling": start["undecided"],  # earlier, while the fleet settled
         "frames_undecided_during": after["undecided"] - before["undecided"],
         "late_answers": after["late"],
+        "late_answers_hub_ms": _spread(after["late_hub_ms"]),
+        "feature_messages_sent": after["messages_sent"] if args.mode == "split" else None,
+        "send_failures": after["send_failures"] if args.mode == "split" else None,
         "head_service": head_stats,
+        "head_service_warnings": _warnings(work / "heads.log") if args.heads_process else None,
         "refusals": after["refusals"],
         "refusal_errors": after["refusal_errors"][:5],
     }
     emit_json(result, args.json)
     shutil.rmtree(work, ignore_errors=True)
     return 0 if result["all_updated"] and result["frames_failed"] == result["frames_undecided_during"] == 0 else 1
+
+
+def _final_counts(log: Path) -> dict[str, Any] | None:
+    """The head process's counters, from the line it logs when it stops (hub/mqtt.py)."""
+    marker = "head service stopped; counts "
+    lines = [line for line in log.read_text(errors="replace").splitlines() if marker in line]
+    return json.loads(lines[-1].split(marker, 1)[1]) if lines else None
+
+
+def _warnings(log: Path) -> list[str]:
+    """The head process's warnings and errors (slow answers, disconnects), the last 20."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [line for line in lines if " WARNING " in line or " ERROR " in line][-20:]
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    """p50 / max / count of the late answers' hub time (None without any)."""
+    if not values:
+        return None
+    return {"count": len(values), "p50": round(float(np.median(values)), 1), "max": round(max(values), 1)}
 
 
 if __name__ == "__main__":

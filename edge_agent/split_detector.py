@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -85,6 +85,7 @@ class SplitDetector(Detector):
         self._misses = 0
         self._next_probe = 0.0
         self.previous = previous  # the split detector this one replaces (its answers still arrive here)
+        self.late_hub_ms: deque[float] = deque(maxlen=256)  # hub_ms of the latest answers that came too late
         self.hub_warmup_s = hub_warmup_s
 
     # -- Detector ---------------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class SplitDetector(Detector):
                 return
             if rid not in self._waiting:
                 self.counters["late_results"] += 1
+                self.late_hub_ms.append(ans.hub_ms)  # the hub's share of the lateness
                 return
             if ans.status == "refused":
                 self.counters["refused"] += 1

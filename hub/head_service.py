@@ -1,20 +1,32 @@
 """The head service: runs the hub side of split bundles for every agent in split mode.
 
-Transport-agnostic core (the MQTT plumbing is :class:`hub.mqtt.HeadMqttWorker`):
-:meth:`HeadService.submit` takes one raw feature message (with its topic); a worker thread takes
-what has arrived, up to ``max_batch`` (waiting at most ``max_delay_ms`` once it has one: Triton's
-queue-delay bound), groups it by bundle version, decodes each frame's codes, runs that version's
-head once per group and post-processes; every frame gets one :class:`SplitResultPayload` through
-``publish(topic, bytes)``.
+Transport-agnostic core (the MQTT plumbing is :class:`hub.mqtt.HeadMqttWorker`; the heads and
+their loading are :mod:`hub.heads`):
+:meth:`HeadService.submit` takes one raw feature message (with its topic); a worker thread admits
+what has arrived (waiting at most ``max_delay_ms`` for more once it has one: Triton's queue-delay
+bound), then runs one batch at a time, **most urgent first**: the frames of the version whose frame
+is nearest its deadline, nearest first, as many as fit (below); every frame gets one
+:class:`SplitResultPayload` through ``publish(topic, bytes)``.
 
+- **Urgency**: a frame is due ``deadline_ms`` after it arrived. A batch holds at most
+  ``max_batch`` frames and no more than its head runs in half the shortest deadline lately seen
+  (each head's time per frame is measured: a warm-up run at load, then every batch), so a frame
+  that arrives when a batch starts can still be answered in time. An agent's warm-up frame (a long
+  deadline, sent before it swaps versions) waits behind live frames and never holds them up for a
+  whole batch of warm-ups. Under overload (more frames than the head runs) frames expire whatever
+  the order: the head tier is sized to the fleet (docs/benchmarks.md has answers per second).
 - **Versions**: one :class:`Head` per deployed bundle (``heads.bundles``), and with a ``loader``
   (``heads.bundles_dir``: where the retraining job writes its bundles) the head of a version an
-  agent asks for is loaded the first time it is asked for: a split agent that took an update is
-  answered without a restart here (counted ``heads_loaded``; a version not found is looked for again
-  after :data:`RETRY_MISSING_S`). The load runs in its own thread: frames of that version wait
-  for it (their deadlines still hold), frames of every other version go on being answered.
-  A message whose ``bundle_version`` has no head, or whose spec differs from that head's, is
-  answered ``refused`` and counted (``refused_version``, ``refused_spec``), never decoded.
+  agent asks for is loaded the first time it is asked for, or when :meth:`HeadService.preload` is
+  told of it (a rollout's announcement, before any agent swaps): a split agent that took an update
+  is answered without a restart here (counted ``heads_loaded``; a version not found is looked for
+  again after :data:`RETRY_MISSING_S`). The load (and its warm-up run) runs in its own thread:
+  frames of that version wait for it (their deadlines still hold), frames of every other version go
+  on being answered. A head loaded so that has run no frame for ``keep_idle_s`` (a day) is
+  unloaded (``heads_unloaded``; looked for when frames come, at most once a minute; the configured
+  ones stay). A message whose ``bundle_version`` has no head, or whose spec differs from that
+  head's, is answered ``refused`` and counted (``refused_version``, ``refused_spec``), never
+  decoded.
 - **Dead letters**: a message that is not a feature message, or whose codes do not decode to its
   spec (truncated, corrupt), is kept in ``dead_letter_dir`` (the newest ``dead_letter_keep``) with
   its reason, counted, and not answered (the agent's deadline passes and it falls back).
@@ -28,7 +40,6 @@ import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import Counter
@@ -39,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.heads import Head, HeadLoader, release_unloaded
 from lineguard_contract import ContractError, StationId, Topics
 from lineguard_contract.features import (
     FeatureHeader,
@@ -47,97 +59,14 @@ from lineguard_contract.features import (
     decode_features,
     encode_split_result,
 )
-from models.bundle import MANIFEST_FILE, Bundle, load_bundle
-from models.detections import Detections
 from models.feature_codec import FeatureDecodeError, FeatureSpec, decode_codes
-from models.processing import postprocess
-from models.split_runtime import SplitHubRunner
 
-__all__ = ["HEAD_ROLES", "RETRY_MISSING_S", "Head", "HeadLoader", "HeadService", "bundles_dir_loader", "load_heads"]
+__all__ = ["RETRY_MISSING_S", "HeadService"]
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
-HeadLoader = Callable[[str], "Head | None"]  # a bundle version -> its head, None when there is none
 RETRY_MISSING_S = 30.0  #: a version the loader did not find is looked for again after this long
-_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _MISSING_KEEP = 1000  # versions remembered as not found, at most
-
-
-@dataclass
-class Head:
-    """The hub part of one bundle version."""
-
-    version: str
-    spec: FeatureSpec
-    runner: Any  # .run(codes (N, C, h, w) uint8) -> raw (N, 4 + nc, anchors); optionally .detect(...)
-    conf: float
-    iou: float
-    max_det: int
-    input_size: tuple[int, int]
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int | None = None, *, runtime: str = "onnx",
-                    device: str = "cuda", half: bool = True) -> Head:
-        split = bundle.manifest.split
-        if split is None:
-            raise ValueError(f"bundle {bundle.dir} has no split parts")
-        spec = FeatureSpec.from_dict(split["spec"])
-        imgsz = (int(bundle.manifest.input_size[0]), int(bundle.manifest.input_size[1]))
-        runner: Any
-        if runtime == "torch":  # a GPU hub: the same part rebuilt in torch, NMS on the device
-            from models.split_torch import TorchSplitHub
-
-            runner = TorchSplitHub(bundle.path("checkpoint"), bundle.path("split_bottleneck"), spec,
-                                   version=bundle.manifest.version, imgsz=imgsz, device=device, half=half)
-        else:
-            runner = SplitHubRunner(bundle.path("split_hub"), spec, version=bundle.manifest.version, threads=threads)
-        post = bundle.manifest.postprocessing
-        conf = post.get("operating_conf") or post.conf  # the agent filters at its own threshold
-        return cls(bundle.manifest.version, spec, runner, float(conf), float(post.iou), int(post.max_det), imgsz)
-
-    def detect(self, codes: np.ndarray) -> list[Detections]:
-        """Boxes in model-input pixels, one :class:`Detections` per row of ``codes``."""
-        if hasattr(self.runner, "detect"):
-            return self.runner.detect(codes, conf=self.conf, iou=self.iou, max_det=self.max_det)
-        raw = self.runner.run(codes)
-        return postprocess(raw, [None] * len(codes), conf=self.conf, iou=self.iou, max_det=self.max_det)
-
-
-#: bundle roles each head runtime reads
-HEAD_ROLES = {"onnx": ("split_hub",), "torch": ("checkpoint", "split_bottleneck")}
-
-
-def load_heads(bundle_dirs: list[Path], threads: int | None = None, *, runtime: str = "onnx",
-               device: str = "cuda", half: bool = True) -> dict[str, Head]:
-    if runtime not in HEAD_ROLES:
-        raise ValueError(f"head runtime {runtime!r}: expected one of {sorted(HEAD_ROLES)}")
-    heads: dict[str, Head] = {}
-    for d in bundle_dirs:
-        head = Head.from_bundle(load_bundle(d, roles=HEAD_ROLES[runtime]), threads, runtime=runtime,
-                                device=device, half=half)
-        if head.version in heads:
-            raise ValueError(f"two bundles with version {head.version}: {d}")
-        heads[head.version] = head
-        log.info("head for bundle %s: cut %d, codes %s at %d bits (%s)", head.version, head.spec.cut,
-                 head.spec.shape, head.spec.bits, head.runner.provider)
-    return heads
-
-
-def bundles_dir_loader(bundles_dir: Path, threads: int | None = None, *, runtime: str = "onnx",
-                       device: str = "cuda", half: bool = True) -> HeadLoader:
-    """A :data:`HeadLoader` reading ``bundles_dir/<version>`` (file hashes checked); None for a
-    version that is not a plain ``X.Y.Z``, has no directory there, or whose manifest says another."""
-
-    def load(version: str) -> Head | None:
-        d = Path(bundles_dir) / version
-        if not _VERSION.match(version) or not (d / MANIFEST_FILE).is_file():
-            return None
-        head = load_heads([d], threads, runtime=runtime, device=device, half=half).get(version)
-        if head is None:
-            log.error("bundle %s does not say version %s: not loaded", d, version)
-        return head
-
-    return load
 
 
 @dataclass
@@ -148,6 +77,21 @@ class _Item:
     requeued: bool = False  # back from waiting for its version's head to load
 
 
+@dataclass
+class _Frame:
+    """An admitted feature message waiting for its head to run."""
+
+    item: _Item
+    header: FeatureHeader
+    payload: bytes
+    station: StationId
+    due: float  # monotonic: when the agent stops waiting
+    admitted: float  # monotonic: when the worker took it off the queue
+
+
+_SWEEP_S = 60.0  # how often idle heads are looked for
+_SLOW_LOG_S = 10.0  # slow answers are logged at most this often
+_TIGHT_WINDOW_S = 10.0  # the shortest deadline lately seen is forgotten after this long without one as short
 
 
 class HeadService:
@@ -155,10 +99,13 @@ class HeadService:
 
     def __init__(self, heads: dict[str, Head], publish: Publish, *, max_batch: int = 32, max_delay_ms: float = 5.0,
                  dead_letter_dir: Path | None = None, dead_letter_keep: int = 1000,
-                 loader: HeadLoader | None = None) -> None:
+                 loader: HeadLoader | None = None, keep_idle_s: float = 86400.0) -> None:
         if not heads:
             raise ValueError("no heads: configure at least one split bundle")
         self.heads, self.publish, self.loader = heads, publish, loader
+        self.keep_idle_s = keep_idle_s
+        self._used: dict[str, float] = {}  # loaded version -> when it last ran or loaded (monotonic)
+        self._next_sweep = time.monotonic() + min(_SWEEP_S, keep_idle_s)
         self._missing: dict[str, float] = {}  # version -> when to look for it again (monotonic)
         self._loading: dict[str, list[_Item]] = {}  # version -> items waiting for its head (under _lock)
         self.max_batch, self.max_delay_s = max(1, max_batch), max_delay_ms / 1000
@@ -166,6 +113,9 @@ class HeadService:
         self.topics = Topics()
         self.counters: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
+        self.batch_ms_max = 0.0
+        self._tight: tuple[float, float] = (float("inf"), 0.0)  # shortest deadline_ms lately seen, when
+        self._slow_logged = float("-inf")
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -184,9 +134,15 @@ class HeadService:
     def submit(self, topic: str, data: bytes) -> None:
         self._queue.put(_Item(topic, data, time.monotonic()))
 
+    def preload(self, version: str) -> None:
+        """Start loading ``version``'s head (a rollout announced it) unless it is here, loading, or
+        was not found lately; no frame waits for it."""
+        self._waits_for_load(version, None)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self.counters, "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+            return {**self.counters, "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                    "batch_ms_max": round(self.batch_ms_max, 1)}
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -194,73 +150,127 @@ class HeadService:
 
     # -- worker ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        waiting: list[_Frame] = []
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.max_delay_s
-            stop = False
-            while len(batch) < self.max_batch:
+            items, stop = self._take(block=not waiting)
+            for item in items:
                 try:
-                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            try:
-                self.handle(batch)
-            except Exception:  # a bug must not end the service; each message is answered or counted
-                log.exception("head batch of %d failed", len(batch))
-                self._count("errors", len(batch))
+                    frame = self._admit(item)
+                except Exception:  # a bug must not end the service; each message is answered or counted
+                    log.exception("feature message from %s failed", item.topic)
+                    self._count("errors")
+                    continue
+                if frame is not None:
+                    waiting.append(frame)
+            if waiting and not stop:
+                self._serve(waiting)
             if stop:
                 return
+            self._unload_idle(waiting)
 
-    def handle(self, batch: list[_Item]) -> None:
-        """Decode, group by version, run the heads, publish one result per accepted frame."""
-        groups: dict[str, list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]] = {}
+    def _unload_idle(self, waiting: list[_Frame]) -> None:
+        """Drop the heads loaded on demand that ran no frame for ``keep_idle_s`` (weekly versions
+        would otherwise pile up in memory; one asked for again is loaded again)."""
         now = time.monotonic()
-        for item in batch:
-            if not item.requeued:
-                self._count("received")
-            try:
-                station, kind = self.topics.parse(item.topic)
-                if kind != "features":
-                    raise ContractError("features", "", f"topic kind {kind!r}")
-                header, payload = decode_features(item.data)
-            except (ContractError, ValueError) as e:
-                self._dead_letter(item, f"malformed feature message: {e}")
-                continue
-            head = self.heads.get(header.bundle_version)
-            if head is None and self._waits_for_load(header.bundle_version, item):
-                continue
-            head = head or self.heads.get(header.bundle_version)  # loaded meanwhile
-            spec = FeatureSpec(header.cut, header.channels, header.height, header.width, header.bits, header.codec)
-            if head is None:
-                self._refuse(station, header, f"no head for bundle version {header.bundle_version!r} here "
-                                              f"(deployed: {sorted(self.heads)})", "refused_version")
-                continue
-            if spec != head.spec:
-                self._refuse(station, header, f"feature spec {spec.shape}@{spec.bits} bits cut {spec.cut} differs from "
-                                              f"bundle {head.version}'s", "refused_spec")
-                continue
-            if (now - item.received) * 1000 > header.deadline_ms:
-                self._count("expired")
-                continue
-            try:
-                codes = decode_codes(payload, head.spec)
-            except FeatureDecodeError as e:
-                self._dead_letter(item, f"undecodable codes: {e}")
-                continue
-            groups.setdefault(head.version, []).append((item, header, codes, station))
-        for version, rows in groups.items():
-            head = self.heads[version]
-            for start in range(0, len(rows), self.max_batch):
-                self._run_head(head, rows[start:start + self.max_batch])
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(_SWEEP_S, self.keep_idle_s)
+        busy = {f.header.bundle_version for f in waiting}
+        with self._lock:
+            idle = [v for v, t in self._used.items() if now - t > self.keep_idle_s and v not in busy]
+            for version in idle:
+                self.heads.pop(version, None)
+                self._used.pop(version)
+                self.counters["heads_unloaded"] += 1
+        if idle:
+            ms = release_unloaded()
+            log.info("heads for bundles %s unloaded: no frame for %.0f s (collector %.0f ms)", ", ".join(idle),
+                     self.keep_idle_s, ms)
 
-    def _waits_for_load(self, version: str, item: _Item) -> bool:
+    def _take(self, *, block: bool) -> tuple[list[_Item], bool]:
+        """What has arrived: with nothing waiting, block for one and then up to ``max_delay_ms`` for
+        a fuller batch; else only what is queued now. True when told to stop."""
+        items: list[_Item] = []
+        deadline = None
+        while True:
+            try:
+                if block and not items:
+                    nxt = self._queue.get()
+                    deadline = time.monotonic() + self.max_delay_s
+                elif deadline is not None and len(items) < self.max_batch:
+                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                else:
+                    nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return items, False
+            if nxt is None:
+                return items, True
+            items.append(nxt)
+
+    def _admit(self, item: _Item) -> _Frame | None:
+        """Parse one message: answered ``refused``, dead-lettered, parked for its head's load, or
+        admitted (returned) to wait for its turn."""
+        if not item.requeued:
+            self._count("received")
+        try:
+            station, kind = self.topics.parse(item.topic)
+            if kind != "features":
+                raise ContractError("features", "", f"topic kind {kind!r}")
+            header, payload = decode_features(item.data)
+        except (ContractError, ValueError) as e:
+            self._dead_letter(item, f"malformed feature message: {e}")
+            return None
+        head = self.heads.get(header.bundle_version)
+        if head is None and self._waits_for_load(header.bundle_version, item):
+            return None
+        head = head or self.heads.get(header.bundle_version)  # loaded meanwhile
+        spec = FeatureSpec(header.cut, header.channels, header.height, header.width, header.bits, header.codec)
+        if head is None:
+            self._refuse(station, header, f"no head for bundle version {header.bundle_version!r} here "
+                                          f"(deployed: {sorted(self.heads)})", "refused_version")
+            return None
+        if spec != head.spec:
+            self._refuse(station, header, f"feature spec {spec.shape}@{spec.bits} bits cut {spec.cut} differs from "
+                                          f"bundle {head.version}'s", "refused_spec")
+            return None
+        tight, seen = self._tight
+        if header.deadline_ms <= tight or item.received - seen > _TIGHT_WINDOW_S:
+            self._tight = (header.deadline_ms, item.received)
+        return _Frame(item, header, payload, station, item.received + header.deadline_ms / 1000, time.monotonic())
+
+    def _serve(self, waiting: list[_Frame]) -> None:
+        """Run one batch: the frames of the most urgent frame's version, most urgent first, as many as
+        fit (module docstring); the expired are dropped, the rest keep waiting in ``waiting``."""
+        now = time.monotonic()
+        live = [f for f in waiting if f.due >= now]
+        if len(live) < len(waiting):
+            self._count("expired", len(waiting) - len(live))
+        live.sort(key=lambda f: f.due)
+        if not live:
+            waiting.clear()
+            return
+        head = self.heads[live[0].header.bundle_version]
+        if head.version in self._used:
+            self._used[head.version] = now
+        fit = int(self._tight[0] / 2 // head.frame_ms) if head.frame_ms > 0 else self.max_batch
+        chosen = [f for f in live if f.header.bundle_version == head.version][:max(1, min(fit, self.max_batch))]
+        taken = {id(f) for f in chosen}
+        waiting[:] = [f for f in live if id(f) not in taken]
+        rows = []
+        for f in chosen:
+            try:
+                rows.append((f, decode_codes(f.payload, head.spec)))
+            except FeatureDecodeError as e:
+                self._dead_letter(f.item, f"undecodable codes: {e}")
+        if not rows:
+            return
+        try:
+            self._run_head(head, rows)
+        except Exception:  # a bug must not end the service; each message is answered or counted
+            log.exception("head %s batch of %d failed", head.version, len(rows))
+            self._count("errors", len(rows))
+
+    def _waits_for_load(self, version: str, item: _Item | None) -> bool:
         """True when ``item`` is to wait for ``version``'s head, loading in its own thread (started
         here when none is): it comes back through the queue once the load ends. False when there is
         no loader, the head has been loaded, or the version was not found lately."""
@@ -274,7 +284,8 @@ class HeadService:
                 self._loading[version] = waiting = []
                 threading.Thread(target=self._load, args=(version,), name=f"head-load-{version}"[:60],
                                  daemon=True).start()
-            waiting.append(item)
+            if item is not None:
+                waiting.append(item)
         return True
 
     def _load(self, version: str) -> None:
@@ -294,26 +305,49 @@ class HeadService:
             else:
                 self._missing.pop(version, None)
                 self.heads[version] = head
+                self._used[version] = time.monotonic()
                 self.counters["heads_loaded"] += 1
             waiting = self._loading.pop(version, [])
         if head is not None:
-            log.info("head for bundle %s loaded on request (%d frames waited for it)", version, len(waiting))
+            log.info("head for bundle %s loaded (%d frames waited for it)", version, len(waiting))
         for item in waiting:
             self._queue.put(_Item(item.topic, item.data, item.received, requeued=True))
 
-    def _run_head(self, head: Head, rows: list[tuple[_Item, FeatureHeader, np.ndarray, StationId]]) -> None:
-        dets = head.detect(np.stack([r[2] for r in rows]))
+    def _run_head(self, head: Head, rows: list[tuple[_Frame, np.ndarray]]) -> None:
+        t0 = time.perf_counter()
+        dets = head.detect(np.stack([codes for _, codes in rows]))
+        ms = 1000 * (time.perf_counter() - t0)
+        head.frame_ms = 0.7 * head.frame_ms + 0.3 * ms / len(rows) if head.frame_ms > 0 else ms / len(rows)
         with self._lock:
             self.batch_sizes[len(rows)] += 1
+            self.batch_ms_max = max(self.batch_ms_max, ms)
         done = time.monotonic()
-        for (item, header, _, station), d in zip(rows, dets, strict=True):
+        self._note_slow(rows, done, ms)
+        for (f, _), d in zip(rows, dets, strict=True):
             result = SplitResultPayload(
-                request_id=header.request_id, camera=header.camera, bundle_version=head.version, status="ok",
+                request_id=f.header.request_id, camera=f.header.camera, bundle_version=head.version, status="ok",
                 detections=[HeadDetection(box=[float(v) for v in b], score=float(s), class_id=int(c))
                             for b, s, c in zip(d.boxes, d.scores, d.class_ids, strict=True)],
-                hub_ms=round(1000 * (done - item.received), 2))
-            self.publish(self.topics.station(station, "split_results"), encode_split_result(result))
+                hub_ms=round(1000 * (done - f.item.received), 2))
+            self.publish(self.topics.station(f.station, "split_results"), encode_split_result(result))
         self._count("answered", len(rows))
+
+    def _note_slow(self, rows: list[tuple[_Frame, np.ndarray]], done: float, run_ms: float) -> None:
+        """Count answers that spent over half the shortest deadline here (``slow_answers``) and say
+        where the slowest went, at most every :data:`_SLOW_LOG_S`: on the queue before the worker took
+        it (the worker was busy), waiting for its batch (other batches first), the batch's run."""
+        slow = [f for f, _ in rows if (done - f.item.received) * 2000 > self._tight[0]]
+        if not slow:
+            return
+        self._count("slow_answers", len(slow))
+        if done < self._slow_logged + _SLOW_LOG_S:
+            return
+        self._slow_logged = done
+        f = min(slow, key=lambda f: f.item.received)
+        log.warning("%d answers slower than %.0f ms (%d so far); the slowest %.0f ms: %.0f ms queued before the "
+                    "worker took it, %.0f ms waiting for its batch, %.0f ms the run of a batch of %d",
+                    len(slow), self._tight[0] / 2, self.counters["slow_answers"], 1000 * (done - f.item.received),
+                    1000 * (f.admitted - f.item.received), 1000 * (done - f.admitted) - run_ms, run_ms, len(rows))
 
     def _refuse(self, station: StationId, header: FeatureHeader, reason: str, counter: str) -> None:
         self._count(counter)

@@ -5,11 +5,14 @@ credentials, TLS), for the ingest worker (persistent session, manual acknowledge
 head service. :class:`HeadMqttWorker` connects the :class:`~hub.head_service.HeadService` to the
 broker: feature messages of every station at QoS 0 through the shared subscription
 ``$share/<heads_group>/lineguard/v1/+/+/+/features`` (head processes of one group split the
-agents' frames between them, on one machine or many), results published at QoS 0.
+agents' frames between them, on one machine or many), results published at QoS 0; and, for a
+service that loads heads on demand, every station's retained ``model`` announcement (QoS 1, not
+shared: each head process loads the announced version's head before the agents swap to it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
@@ -19,7 +22,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from hub.core.config import HubMqttConfig
-from lineguard_contract import Topics
+from lineguard_contract import ContractError, Topics, decode
 
 __all__ = ["HeadMqttWorker", "RetainedPublisher", "make_client", "shared_filter"]
 
@@ -54,12 +57,13 @@ class HeadMqttWorker:
         features = self.topics.all_stations("features")
         self.subscription = shared_filter(group, features) if shared else features
         self.subscribed = threading.Event()
+        self.service = service_factory(self.publish)
+        self.announcements = self.topics.all_stations("model") if getattr(self.service, "loader", None) else None
         self._client = make_client(mqtt, client_id, clean_session=True)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self.service = service_factory(self.publish)
 
     def publish(self, topic: str, data: bytes) -> None:
         self._client.publish(topic, data, qos=0)
@@ -73,6 +77,7 @@ class HeadMqttWorker:
         self._client.disconnect()
         self._client.loop_stop()
         self.service.stop()
+        log.info("head service stopped; counts %s", json.dumps(self.service.stats(), sort_keys=True))
 
     def wait_subscribed(self, timeout: float = 10.0) -> bool:
         return self.subscribed.wait(timeout)
@@ -81,13 +86,14 @@ class HeadMqttWorker:
         if rc.is_failure:
             log.error("broker refused the head service's connection: %s", rc)
             return
-        client.subscribe(self.subscription, qos=0)
+        topics = [(self.subscription, 0)] + ([(self.announcements, 1)] if self.announcements else [])
+        client.subscribe(topics)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
         if any(rc.is_failure for rc in rcs):
             log.error("head service subscription refused: %s", [str(rc) for rc in rcs])
             return
-        log.info("head service subscribed to %s", self.subscription)
+        log.info("head service subscribed to %s", ", ".join(filter(None, [self.subscription, self.announcements])))
         self.subscribed.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -100,7 +106,19 @@ class HeadMqttWorker:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = "<invalid UTF-8 topic>"
-        self.service.submit(topic, bytes(msg.payload))
+        if self.announcements is None or self._kind(topic) != "model":
+            self.service.submit(topic, bytes(msg.payload))  # the service dead-letters what is not features
+        elif msg.payload:  # (empty: a cleared announcement)
+            try:
+                self.service.preload(decode("model", bytes(msg.payload)).version)
+            except ContractError as e:
+                log.warning("model announcement on %s not understood: %s", topic, e)
+
+    def _kind(self, topic: str) -> str | None:
+        try:
+            return self.topics.parse(topic)[1]
+        except (ContractError, ValueError):
+            return None
 
 
 class RetainedPublisher:

@@ -97,19 +97,21 @@ class _Server(uvicorn.Server):
 
 def start_heads(config: HubConfig, client_id: str | None = None) -> HeadMqttWorker:
     """Load every configured split head and start serving features (see hub/head_service.py)."""
-    from hub.head_service import HeadService, bundles_dir_loader, load_heads
+    from hub.head_service import HeadService
+    from hub.heads import bundles_dir_loader, load_heads
 
     hc = config.heads
     assert hc is not None
-    heads = load_heads(hc.bundles, threads=hc.threads, runtime=hc.runtime, device=hc.device, half=hc.half)
+    heads = load_heads(hc.bundles, threads=hc.threads, runtime=hc.runtime, device=hc.device, half=hc.half,
+                       max_batch=hc.max_batch)
     bundles_dir = hc.bundles_dir or (config.data_dir / "bundles" if config.retrain is not None else None)
-    loader = None if bundles_dir is None else bundles_dir_loader(bundles_dir, hc.threads, runtime=hc.runtime,
-                                                                  device=hc.device, half=hc.half)
+    loader = None if bundles_dir is None else bundles_dir_loader(
+        bundles_dir, hc.threads, runtime=hc.runtime, device=hc.device, half=hc.half, max_batch=hc.max_batch)
 
     def factory(publish: Any) -> HeadService:
         return HeadService(heads, publish, max_batch=hc.max_batch, max_delay_ms=hc.max_delay_ms,
                            dead_letter_dir=config.data_dir / "dead-letter" / "features",
-                           dead_letter_keep=hc.dead_letter_keep, loader=loader)
+                           dead_letter_keep=hc.dead_letter_keep, loader=loader, keep_idle_s=hc.keep_idle_h * 3600)
 
     worker = HeadMqttWorker(config.mqtt, factory, group=hc.group, shared=not config.embedded_broker,
                             client_id=client_id or f"{hc.group}-{socket.gethostname()}-{os.getpid()}"[:64])

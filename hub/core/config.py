@@ -71,6 +71,8 @@ class HubHeadsConfig(BaseModel):
     group: str = Field("lineguard-heads", pattern=SEGMENT_PATTERN,
                        description="$share group: head processes of one group split the frames")
     dead_letter_keep: int = Field(1000, ge=0, description="undecodable feature messages kept in data_dir")
+    keep_idle_h: float = Field(24.0, gt=0, description="a head loaded from bundles_dir that ran no frame for this "
+                               "long is unloaded (loaded again when asked for); the `bundles` heads stay")
 
 
 class HubRetrainConfig(BaseModel):

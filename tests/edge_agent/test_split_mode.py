@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,6 +227,35 @@ def test_a_swap_hands_the_replaced_detector_its_answers(bundle: Any, frames: lis
     new.detect(frames[:1])
     st = new.stats()
     assert st["split_frames"] == 3 and st.get("late_results", 0) == 0, st  # 2 carried over at the swap, 1 its own
+
+
+class LateHub(MemoryTransport):
+    """Answers each feature message 0.3 s later, saying it spent 180 ms on it."""
+
+    def publish(self, message: Message) -> int:
+        mid = super().publish(message)
+        header, _ = decode_features(message.payload)
+        answer = encode_split_result(SplitResultPayload(
+            request_id=header.request_id, camera=header.camera, bundle_version=header.bundle_version, status="ok",
+            hub_ms=180.0))
+        threading.Timer(0.3, self.deliver, (Topics().station(STATION, "split_results"), answer)).start()
+        return mid
+
+
+def test_late_answers_are_counted_with_the_hubs_time(bundle: Any, frames: list[np.ndarray]) -> None:
+    """An answer after the deadline is dropped, counted, and its hub time kept: an operator can
+    tell a slow hub (hub_ms near the deadline) from a slow way there and back."""
+    t = LateHub()
+    t.start()
+    det = SplitDetector(bundle, t, STATION, "agent-st03", mode="split", deadline_ms=100)
+    det.load()
+    out = det.detect(frames[:2])
+    assert [d.undecided for d in out] == [True, True]
+    deadline = time.monotonic() + 5
+    while det.stats().get("late_results", 0) < 2:
+        assert time.monotonic() < deadline, det.stats()
+        time.sleep(0.02)
+    assert list(det.late_hub_ms) == [180.0, 180.0] and det.stats()["undecided_frames"] == 2
 
 
 class ScriptedHub(MemoryTransport):

@@ -75,7 +75,8 @@ def test_agent_to_hub_to_review_to_retrain_to_rollout_to_agent(hub_store: Any, m
         "model": {"bundle": str(prod), "store": str(tmp_path / "store"), "public_keys": [str(pub)]},
         "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto_broker.port}"},
         "sampling": {"max_per_minute": 600},
-        "outbox": {"path": str(tmp_path / "outbox.db")}}))
+        "outbox": {"path": str(tmp_path / "outbox.db")},
+        "metrics": {"port": 0}}))  # no fixed port: another agent on the machine must not fail this test
     agent.start()
     try:
         assert ingest.wait_subscribed(15)

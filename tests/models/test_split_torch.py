@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ultralytics")
 
 from hub.core.config import ConfigError, build_config  # noqa: E402
-from hub.head_service import load_heads  # noqa: E402
+from hub.heads import load_heads  # noqa: E402
 from models.bundle import BundleError, load_bundle  # noqa: E402
 from models.detections import Detections  # noqa: E402
 from models.feature_codec import FeatureSpec  # noqa: E402
@@ -69,6 +69,24 @@ def test_batched_nms_equals_postprocess(torch_head: Any, codes: np.ndarray, conf
         np.testing.assert_allclose(g.scores[order_g], w.scores[order_w], atol=1e-5)
         np.testing.assert_allclose(g.boxes[order_g], w.boxes[order_w], atol=1e-3)
         assert (g.class_ids[order_g] == w.class_ids[order_w]).all()
+
+
+def test_a_batch_padded_to_its_bucket_answers_as_unpadded(torch_head: Any, codes: np.ndarray) -> None:
+    """On a GPU a batch of 3 runs as 4 (one kernel set per bucket); the padding row never comes back
+    and the 3 frames' boxes are the unpadded run's. The CPU has no buckets; set here to test the pad."""
+    runner, rows = torch_head.runner, codes[:3]
+    assert runner.batch_buckets == ()  # a CPU runs each batch as it is
+    plain = runner.detect(rows, conf=0.05, iou=0.7, max_det=300)
+    try:
+        runner.batch_buckets = (1, 2, 4, 8)
+        padded = runner.detect(rows, conf=0.05, iou=0.7, max_det=300)
+        assert runner.run(rows).shape[0] == 3
+    finally:
+        runner.batch_buckets = ()
+    assert len(padded) == 3 and sum(map(len, plain)) > 0
+    for p, q in zip(plain, padded, strict=True):
+        np.testing.assert_allclose(q.boxes, p.boxes, atol=1e-3)
+        assert (q.class_ids == p.class_ids).all()
 
 
 def test_torch_head_agrees_with_the_onnx_head(torch_head: Any, codes: np.ndarray) -> None:

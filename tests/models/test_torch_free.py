@@ -46,6 +46,7 @@ TORCH_FREE_MODULES = [
     "edge_agent.bundle_store",
     "edge_agent.swap",
     "hub.head_service",
+    "hub.heads",
     "edge_agent.mqtt",
     "edge_agent.metrics",
     "edge_agent.config",
