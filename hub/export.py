@@ -10,7 +10,11 @@ Layout (``data.yaml`` plus ``images/{train,val}`` and ``labels/{train,val}``)::
   label file (reviewed negatives: they teach away false alarms). Unreviewed samples are not
   exported.
 - The train/val split is a function of the sample id (SHA-256 of it, ``val_share`` of the hash
-  space), so a sample stays on its side across exports.
+  space), so a sample stays on its side across exports. With two or more reviewed samples and
+  ``0 < val_share < 1`` neither side is left empty: when every hash falls on one side, the sample
+  whose hash lies nearest the other side moves there (training needs validation frames, and the
+  gate needs reviewed frames the candidate did not train on). It goes back to its own side once
+  another sample falls there naturally.
 - ``classes`` fixes the class order (pass the model's class list so ids match its head; classes
   reviewers added are appended after it); by default every known class, sorted.
 - :func:`export_dir` writes to a temporary directory and renames it into place; :func:`iter_zip`
@@ -56,9 +60,29 @@ def class_order(s: Session, classes: list[str] | None = None) -> list[str]:
     return list(classes) + [c for c in known if c not in classes]
 
 
-def _split(sample_id: str, val_share: float) -> str:
-    h = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2**64
-    return "val" if h < val_share else "train"
+def _hash(sample_id: str) -> float:
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2**64
+
+
+def _split(sample_id: str, val_share: float, moved: dict[str, str] | None = None) -> str:
+    if moved and sample_id in moved:
+        return moved[sample_id]
+    return "val" if _hash(sample_id) < val_share else "train"
+
+
+def _moved_sides(s: Session, val_share: float) -> dict[str, str]:
+    """``{sample_id: side}`` for the one sample moved so that neither side is empty (see the module doc)."""
+    if not 0 < val_share < 1:
+        return {}
+    ids = s.scalars(select(Sample.sample_id).where(Sample.status.in_(("confirmed", "rejected")))).all()
+    if len(ids) < 2:
+        return {}
+    hashes = sorted((_hash(i), i) for i in ids)
+    if hashes[0][0] >= val_share:  # all on the training side: the lowest hash validates
+        return {hashes[0][1]: "val"}
+    if hashes[-1][0] < val_share:  # all on the validation side: the highest hash trains
+        return {hashes[-1][1]: "train"}
+    return {}
 
 
 def _yaml(names: list[str]) -> bytes:
@@ -72,6 +96,7 @@ def iter_entries(s: Session, blobs: BlobStore, names: list[str], val_share: floa
     """``(relative path, bytes)`` of every file of the dataset, ``data.yaml`` first."""
     stats = stats if stats is not None else ExportStats()
     index = {n: i for i, n in enumerate(names)}
+    moved = _moved_sides(s, val_share)
     yield "data.yaml", _yaml(names)
     last = 0
     while True:
@@ -82,7 +107,7 @@ def iter_entries(s: Session, blobs: BlobStore, names: list[str], val_share: floa
             return
         last = batch[-1].id
         for smp in batch:
-            split = _split(smp.sample_id, val_share)
+            split = _split(smp.sample_id, val_share, moved)
             rows = []
             for lb in smp.labels:
                 cx, cy = (lb.x1 + lb.x2) / 2 / smp.width, (lb.y1 + lb.y2) / 2 / smp.height

@@ -230,6 +230,12 @@ class RetrainJob:
         atomic_write_json(self.work / "dataset.json", {"names": names, "counts": counts})
         if not counts["reviewed"]["train"] and not counts["replay"].get("train"):
             raise RetrainError("no training images")
+        if not counts["reviewed"]["val"] and not counts["replay"].get("val"):
+            replay_said = "no replay data" if self.settings.replay_data is None else counts["replay"]
+            raise RetrainError(
+                f"no validation images: no reviewed sample is on the validation side (val_share "
+                f"{self.settings.val_share}; golden-set images left out: {counts['golden_left_out']}) and the "
+                f"replay data gave none ({replay_said}); review more samples, or give replay data with a val split")
 
     def _step_train(self) -> None:
         from models.bundle import load_bundle

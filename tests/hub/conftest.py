@@ -163,6 +163,37 @@ def hub_store(db_url: str, tmp_path: Path) -> Iterator[HubStore]:
     engine.dispose()
 
 
+def sample_ids_on_sides(below: int, above: int, val_share: float, start: int = 1) -> list[str]:
+    """``below`` sample ids whose hash falls under ``val_share`` and ``above`` ids at or over it."""
+    from hub.export import _hash
+
+    lo: list[str] = []
+    hi: list[str] = []
+    k = start
+    while len(lo) < below or len(hi) < above:
+        sid = str(uuid.UUID(int=k))
+        k += 1
+        side = lo if _hash(sid) < val_share else hi
+        if len(side) < (below if side is lo else above):
+            side.append(sid)
+    return lo + hi
+
+
+def reject_samples(hub_store: HubStore, sample_factory: Callable[..., SamplePayload], ids: list[str]) -> None:
+    """Ingest a sample (no detections) for each id and review each as rejected (by rita, a reviewer)."""
+    from hub.accounts import create_user
+    from hub.review import apply_review
+    from hub.tables import Sample, User
+
+    hub_store.ingest([sample_factory(seed=i, n_dets=0, sample_id=sid) for i, sid in enumerate(ids)])
+    with hub_store.sessions.begin() as s:
+        if not s.query(User).filter_by(username="rita").count():
+            create_user(s, "rita", "pw-long-enough-1", "reviewer")
+        uid = s.query(User).filter_by(username="rita").one().id
+        for smp in s.query(Sample).filter(Sample.sample_id.in_(ids)).all():
+            apply_review(s, smp, user_id=uid, username="rita", action="reject")
+
+
 @contextlib.contextmanager
 def live_app(app: Any) -> Iterator[str]:
     """``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""

@@ -353,3 +353,29 @@ def test_gate_passes_run_while_the_release_waits_for_the_split_bottleneck(
     assert not (job.work / "prefetch").exists()
     gate = json.loads((job.work / "gate" / "gate.json").read_text())
     assert gate["golden"]["candidate"]["map50"] >= 0 and gate["new_data"] is not None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("reviewed", "replay_val", "error"), [
+    (1, 0, "no validation images: no reviewed sample is on the validation side"),  # one reviewed, hashed to train
+    (1, 4, None),   # the replay data's val split validates
+    (2, 0, None),   # two reviewed, both hashed to train: the export moves one to val
+])
+def test_the_dataset_step_refuses_a_job_with_no_validation_images(
+        hub_store: Any, sample_factory: Any, tmp_path: Path, reviewed: int, replay_val: int, error: str | None) -> None:
+    from hub.retrain import RetrainError
+    from tests.hub.conftest import reject_samples, sample_ids_on_sides
+
+    reject_samples(hub_store, sample_factory, sample_ids_on_sides(0, reviewed, 0.2))
+    replay = _dataset(tmp_path / "replay", {"train": 4, "val": replay_val}, seed=1) if replay_val else None
+    settings = RetrainSettings(golden=_dataset(tmp_path / "golden", {"val": 2}, seed=2), bundles_dir=tmp_path,
+                               signing_key=None, replay_data=replay, replay_images=4, replay_val_images=replay_val,
+                               preset="retrain")
+    job = RetrainJob.create(tmp_path / "jobs", settings, hub_store.sessions, hub_store.blobs)
+    (job.work / "snapshot.json").write_text(json.dumps({"classes": list(DEFAULT_CLASSES), "input_size": [160, 160]}))
+    if error is None:
+        job._step_dataset()
+        assert len(list((job.work / "train_data" / "images" / "val").glob("*.jpg"))) == (replay_val or 1)
+    else:
+        with pytest.raises(RetrainError, match=error):
+            job._step_dataset()
