@@ -27,9 +27,10 @@ def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
     embedded one (also with ``LINEGUARD_BENCH_BROKER=embedded``)."""
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if exe and os.environ.get("LINEGUARD_BENCH_BROKER") != "embedded":
-        conf = work / "mosquitto.conf"
+        conf = work / "mosquitto.conf"  # its publish counters every second ($SYS), its notices in a log
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 10000\n")
+                        f"max_queued_messages 10000\nsys_interval 1\nlog_dest file {work / 'mosquitto.log'}\n"
+                        "log_type error\nlog_type warning\nlog_type notice\n")
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         return "mosquitto", proc.terminate
@@ -38,6 +39,32 @@ def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
     b = EmbeddedBroker(host="127.0.0.1", port=port, workdir=work / "broker")
     b.start()
     return "embedded (rumqttd)", b.stop
+
+
+def mosquitto_counts(port: int, work: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """Mosquitto's own publish counters since it started (``$SYS/broker/publish/messages/received``,
+    ``sent``, ``dropped``: a message it did not deliver to a subscriber whose queue was full, or to
+    an offline one at QoS 0) and how many of its log lines say it dropped messages, with the first
+    such line. Read them at least a second (its ``sys_interval``) after the last message."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    counts: dict[str, Any] = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sys-reader")
+    client.on_connect = lambda c, *_: c.subscribe("$SYS/broker/publish/messages/+")
+    client.on_message = lambda c, u, msg: counts.__setitem__(msg.topic.rsplit("/", 1)[1], int(msg.payload))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    while len(counts) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.disconnect()
+    client.loop_stop()
+    log = work / "mosquitto.log"
+    dropped = [ln for ln in (log.read_text(errors="replace").splitlines() if log.exists() else []) if "dropp" in ln]
+    counts["log_lines_dropped"] = len(dropped)
+    counts["first_log_line_dropped"] = dropped[0] if dropped else None
+    return counts
 
 
 def emit_json(result: Any, path: Path | None) -> None:

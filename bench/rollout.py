@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from _common import cpu_model, emit_json, free_port, start_broker  # noqa: E402
+from _common import cpu_model, emit_json, free_port, mosquitto_counts, start_broker  # noqa: E402
 from _rollout_agents import ROLES, LocalFleet, ProcessFleet  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -165,12 +165,16 @@ def main() -> int:
     elif heads is not None:
         heads.stop()
     server.should_exit = True
+    if broker_name == "mosquitto":
+        time.sleep(1.2)  # its counters are published every second
+    broker_counts = mosquitto_counts(port, work) if broker_name == "mosquitto" else None
     stop_broker()
     times = sorted(t - t0_wall for t in after["update_times"])
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-        "broker": broker_name, "agents": args.agents, "agent_processes": args.agent_processes, "mode": args.mode,
+        "broker": broker_name, "broker_publish_counts": broker_counts,
+        "agents": args.agents, "agent_processes": args.agent_processes, "mode": args.mode,
         "detector": "split edge INT8 + hub head service" if args.mode == "split" else args.detector,
         "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
         "head_runtime": args.heads_runtime if args.mode == "split" else None,
