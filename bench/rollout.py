@@ -57,6 +57,7 @@ def main() -> int:
                          "started with 1.0.0 only) answers and loads 1.1.0's head when first asked")
     ap.add_argument("--heads-runtime", choices=["onnx", "torch"], default="onnx",
                     help="split mode: the head service's runtime (torch: FP16 on the GPU, as a GPU hub runs it)")
+    ap.add_argument("--heads-device", default=None, help="the torch head's device (heads.device; default cuda)")
     ap.add_argument("--heads-threads", type=int, default=None,
                     help="split mode: the head service's ONNX Runtime threads (default: ONNX Runtime's, one per core)")
     ap.add_argument("--heads-process", action="store_true",
@@ -99,8 +100,11 @@ def main() -> int:
     if args.mode == "split":
         hub_cfg["heads"] = {"bundles": [str(old)], "bundles_dir": str(work / "bundles"), "max_delay_ms": 2,
                             "runtime": args.heads_runtime, "threads": args.heads_threads}
+        if args.heads_device:
+            hub_cfg["heads"]["device"] = args.heads_device
     config = build_config(hub_cfg)
     heads: Any = None
+    head_ready_s = None
     if args.mode == "split" and args.heads_process:  # as on a hub: `lineguard-hub heads`, its own interpreter
         import subprocess
 
@@ -108,9 +112,11 @@ def main() -> int:
 
         (work / "hub.yaml").write_text(yaml.safe_dump(hub_cfg))
         heads_log = (work / "heads.log").open("w")  # its warnings (slow answers) go into the result
-        heads = subprocess.Popen([sys.executable, "-m", "hub.cli", "heads", "-c", str(work / "hub.yaml")],
-                                 stdout=subprocess.PIPE, stderr=heads_log, text=True)
-        heads.stdout.readline()  # "LineGuard head service running ..." once subscribed (or timed out)
+        with (work / "heads.out").open("w") as heads_out:
+            heads = subprocess.Popen([sys.executable, "-m", "hub.cli", "heads", "-c", str(work / "hub.yaml")],
+                                     stdout=heads_out, stderr=heads_log, text=True)
+        head_ready_s = _wait_running(heads, work / "heads.out", work / "heads.log")
+        print(f"head service process ready in {head_ready_s:.1f} s", file=sys.stderr)
     elif args.mode == "split":
         heads = start_heads(config, client_id="bench-heads")
     engine = make_engine(config.db_url)
@@ -179,6 +185,8 @@ def main() -> int:
         "head_service_process": ("own" if args.heads_process else "bench's") if args.mode == "split" else None,
         "head_runtime": args.heads_runtime if args.mode == "split" else None,
         "head_threads": args.heads_threads if args.mode == "split" else None,
+        "head_device": args.heads_device if args.mode == "split" else None,
+        "head_service_ready_s": None if head_ready_s is None else round(head_ready_s, 1),
         "fps_per_agent": args.fps, "deadline_ms": args.deadline_ms if args.mode == "split" else None,
         "bundle_bytes_per_agent": sum(new.joinpath(load_bundle(new, roles=(r,)).path(r).name).stat().st_size
                                       for r in ROLES[args.mode]),
@@ -204,6 +212,20 @@ def main() -> int:
     emit_json(result, args.json)
     shutil.rmtree(work, ignore_errors=True)
     return 0 if result["all_updated"] and result["frames_failed"] == result["frames_undecided_during"] == 0 else 1
+
+
+def _wait_running(proc: Any, out: Path, log: Path, timeout: float = 600.0) -> float:
+    """Seconds until the head process prints that it runs (after its heads are loaded and it is
+    subscribed); whatever it prints before (Ultralytics' first-run settings notice on a new machine)
+    is not that line. Exits with its log's tail when the process ends first or takes too long."""
+    t0 = time.monotonic()
+    while "head service running" not in out.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            proc.kill()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise SystemExit(f"the head process did not start (exit {proc.poll()}):\n{tail}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
 
 
 def _final_counts(log: Path) -> dict[str, Any] | None:
