@@ -136,16 +136,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     review = review_samples(sessions, field, ids)
     t_ingest = time.perf_counter() - t0
 
-    preset = args.preset
+    preset = _base_preset(args)
     variant = _preset_variant(args)
     if variant:  # a variant, this run only
         from dataclasses import replace as _replace
 
         from models.train import PRESETS
 
-        base = PRESETS[args.preset]
+        base = PRESETS[preset]
         batch = variant.pop("batch", base.batch)
-        preset = f"{args.preset}-bench"
+        preset = f"{preset}-bench"
         PRESETS[preset] = _replace(base, name=preset, batch=batch, overrides={**base.overrides, **variant})
     settings = RetrainSettings(
         golden=Path(args.golden).resolve(), bundles_dir=work / "bundles", signing_key=None,
@@ -189,6 +189,13 @@ def _usage_by_step(trace: UsageTrace, job_t0: float, steps_s: dict[str, float]) 
         start += secs
     return {"by_step": by_step, "cores": os.cpu_count(), "job_start_s": round(job_t0 - trace.t0, 3),
             "samples": trace.samples}
+
+
+def _base_preset(args: argparse.Namespace) -> str:
+    """``--preset``; ``auto`` as the hub resolves it: every layer on a GPU, crops and layers 5+ on a CPU."""
+    if args.preset != "auto":
+        return str(args.preset)
+    return "retrain" if str(args.device or "cpu") != "cpu" else "retrain-cpu"
 
 
 def _preset_variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,7 +259,7 @@ def _summary(args: argparse.Namespace, line: str, review: dict[str, int], t_inge
     res: dict[str, Any] = {
         "line": line, "reviews": args.reviews, "review": review, "ingest_and_review_s": round(t_ingest, 1),
         "retrain": {"seconds": round(retrain_s, 1), "steps_s": state.seconds, "status": state.status,
-                    "preset": args.preset, "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
+                    "preset": _base_preset(args), "freeze": args.freeze, "lr0": args.lr0, "train_seed": args.train_seed,
                     "set": args.set, "epochs": args.epochs, "production_split": not args.no_split,
                     "hours": args.hours, "device": args.device, "fleet_mode": args.fleet_mode,
                     "split_parts": json.loads((job / "snapshot.json").read_text()).get("split_parts"),
@@ -308,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-val-images", type=int, default=None,
                    help="replay frames in validation (default: a quarter of --replay-images, as the hub's)")
     p.add_argument("--reviewed-repeats", type=int, default=1, help="each reviewed training frame placed N times")
-    p.add_argument("--preset", default="retrain")
+    p.add_argument("--preset", default="auto",
+                   help="models/train.py preset; auto (the hub's default): retrain with --device 0, else retrain-cpu")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--freeze", type=int, default=None, help="override the preset's frozen layers")
     p.add_argument("--lr0", type=float, default=None, help="override the preset's learning rate")
