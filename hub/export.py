@@ -77,11 +77,12 @@ def _moved_sides(s: Session, val_share: float) -> dict[str, str]:
     ids = s.scalars(select(Sample.sample_id).where(Sample.status.in_(("confirmed", "rejected")))).all()
     if len(ids) < 2:
         return {}
-    hashes = sorted((_hash(i), i) for i in ids)
-    if hashes[0][0] >= val_share:  # all on the training side: the lowest hash validates
-        return {hashes[0][1]: "val"}
-    if hashes[-1][0] < val_share:  # all on the validation side: the highest hash trains
-        return {hashes[-1][1]: "train"}
+    hashes = [(_hash(i), i) for i in ids]
+    lowest, highest = min(hashes), max(hashes)
+    if lowest[0] >= val_share:  # all on the training side: the lowest hash validates
+        return {lowest[1]: "val"}
+    if highest[0] < val_share:  # all on the validation side: the highest hash trains
+        return {highest[1]: "train"}
     return {}
 
 
