@@ -29,6 +29,7 @@ __all__ = [
     "compute_ap",
     "match_predictions",
     "part_level",
+    "part_scores",
     "smooth",
 ]
 
@@ -255,6 +256,13 @@ def _collect(
         for p, s in zip(counted, scores, strict=True):
             (bad if p.defective else good).append(s)
     return np.asarray(bad, dtype=np.float64), np.asarray(good, dtype=np.float64)
+
+
+def part_scores(
+    parts: Sequence[Sequence[Part] | None], detections: Sequence[Detections], min_visible: float = MIN_VISIBLE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(defective, good)``: each counted part's highest in-part detection score (``-inf``: none)."""
+    return _collect(parts, detections, min_visible)
 
 
 def part_level(
