@@ -19,6 +19,7 @@ from models.metrics import (
     compute_ap,
     match_predictions,
     part_level,
+    part_scores,
 )
 
 
@@ -255,6 +256,12 @@ def test_part_level(parts, dets, conf, expected):
     got = part_level(parts, dets, conf)
     assert {k: got[k] for k in expected} == expected
     assert set(got) >= {"recall", "false_alarm_rate", "n_defective", "n_good", "caught", "false_alarms"}
+
+
+def test_part_scores_are_each_counted_parts_highest_score():
+    defective, good = part_scores([PARTS], [DETS])
+    assert defective.tolist() == pytest.approx([0.9, 0.3])  # the barely visible part is not counted
+    assert good[0] == pytest.approx(0.6) and good[1] == -np.inf  # a clean good part: no score at all
 
 
 def test_part_level_length_mismatch():
