@@ -41,13 +41,15 @@ def start_broker(port: int, work: Path) -> tuple[str, Callable[[], None]]:
     return "embedded (rumqttd)", b.stop
 
 
-def mosquitto_counts(port: int, work: Path, timeout: float = 5.0) -> dict[str, Any]:
+def mosquitto_counts(port: int, work: Path, timeout: float = 5.0, settle_s: float = 1.2) -> dict[str, Any]:
     """Mosquitto's own publish counters since it started (``$SYS/broker/publish/messages/received``,
     ``sent``, ``dropped``: a message it did not deliver to a subscriber whose queue was full, or to
     an offline one at QoS 0) and how many of its log lines say it dropped messages, with the first
-    such line. Read them at least a second (its ``sys_interval``) after the last message."""
+    such line. Waits ``settle_s`` first: the counters are published every second (``sys_interval``)."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
+
+    time.sleep(settle_s)
 
     counts: dict[str, Any] = {}
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sys-reader")

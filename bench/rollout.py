@@ -167,12 +167,11 @@ def main() -> int:
     if args.heads_process and heads is not None:
         heads.terminate()
         heads.wait(10)
+        heads_log.close()
         head_stats = _final_counts(work / "heads.log")
     elif heads is not None:
         heads.stop()
     server.should_exit = True
-    if broker_name == "mosquitto":
-        time.sleep(1.2)  # its counters are published every second
     broker_counts = mosquitto_counts(port, work) if broker_name == "mosquitto" else None
     stop_broker()
     times = sorted(t - t0_wall for t in after["update_times"])

@@ -31,7 +31,7 @@ from hub.gate_scoring import operating_conf  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
 from models.dataset_io import load_dataset  # noqa: E402
 from models.evaluate import predict_split  # noqa: E402
-from models.metrics import part_scores  # noqa: E402
+from models.metrics import part_scores, threshold_for_good_scores  # noqa: E402
 from models.onnx_predict import OnnxPredictor  # noqa: E402
 
 
@@ -83,9 +83,9 @@ def _threshold_spread(samples: list[Any], dets: list[Any], sizes: list[int], tar
             print(f"{k} good parts asked for, the split has {len(good)}: skipped", file=sys.stderr)
             continue
         allowed = int(np.floor(target_far * k + 1e-9))
-        floor = np.maximum(good, 0.001)  # the release step's lowest threshold (a part with no detection: -inf)
-        chosen = np.array([np.sort(rng.choice(floor, k, replace=False))[::-1][allowed] for _ in range(draws)])
-        far = np.array([(good > c).mean() for c in chosen])  # the score just above it: > rather than >=
+        chosen = np.array([threshold_for_good_scores(rng.choice(good, k, replace=False), target_far)
+                           for _ in range(draws)])
+        far = np.array([(good >= c).mean() for c in chosen])  # a detection at the threshold alarms
         q = {p: round(float(np.percentile(chosen, p)), 4) for p in (5, 50, 95)}
         f = {p: round(float(np.percentile(far, p)), 4) for p in (5, 50, 95)}
         out[str(k)] = {"allowed_false_alarms": allowed, "threshold_p5_p50_p95": list(q.values()),

@@ -31,6 +31,7 @@ __all__ = [
     "part_level",
     "part_scores",
     "smooth",
+    "threshold_for_good_scores",
 ]
 
 #: IoU thresholds 0.50:0.05:0.95, float32 like the torch tensor Ultralytics compares against.
@@ -304,9 +305,14 @@ def choose_operating_threshold(
     test with :func:`part_level`. Never returns less than ``min_conf``. The value may sit one float32
     step above a detection score, so that ``score >= threshold`` excludes exactly that score.
     """
+    _, good = _collect(parts, detections, min_visible)
+    return threshold_for_good_scores(good, target_far, min_conf)
+
+
+def threshold_for_good_scores(good: np.ndarray, target_far: float = 0.003, min_conf: float = 0.001) -> float:
+    """:func:`choose_operating_threshold` from the good parts' scores (:func:`part_scores`)."""
     if not 0 <= target_far <= 1:
         raise ValueError(f"target_far must be in [0, 1], got {target_far}")
-    _, good = _collect(parts, detections, min_visible)
     if len(good) == 0:
         return float(min_conf)
     allowed = int(np.floor(target_far * len(good) + 1e-9))  # false alarms we may keep

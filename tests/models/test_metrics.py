@@ -20,6 +20,7 @@ from models.metrics import (
     match_predictions,
     part_level,
     part_scores,
+    threshold_for_good_scores,
 )
 
 
@@ -262,6 +263,8 @@ def test_part_scores_are_each_counted_parts_highest_score():
     defective, good = part_scores([PARTS], [DETS])
     assert defective.tolist() == pytest.approx([0.9, 0.3])  # the barely visible part is not counted
     assert good[0] == pytest.approx(0.6) and good[1] == -np.inf  # a clean good part: no score at all
+    for far in (0.0, 0.5, 1.0):  # the release step's threshold, from the scores alone
+        assert threshold_for_good_scores(good, far) == choose_operating_threshold([PARTS], [DETS], far)
 
 
 def test_part_level_length_mismatch():
